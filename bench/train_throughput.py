@@ -1,0 +1,145 @@
+"""Training throughput and MFU of the dense presets on one GPU.
+
+Runs the real `train_step` (AdamW, clipping, bf16 compute, fp32 master weights) on random
+tokens of vocabulary 32000 for each preset, and, as the baseline measured in the same run, the
+XLA bf16 matmul rate on a large square product: the ceiling a transformer step can approach.
+
+    python bench/train_throughput.py --presets 60m,130m,350m --seq-len 1024 --batch 64
+
+Prints one row per preset: tokens/s, TFLOP/s (6N + causal attention, see spjax/train/flops.py),
+MFU against the 989 TFLOP/s bf16 dense peak, and the ratio to the measured matmul rate.
+Needs no dataset and no grain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from spjax import parallel  # noqa: E402
+from spjax.config import load_config  # noqa: E402
+from spjax.train import flops as flops_lib  # noqa: E402
+from spjax.train.optimizer import build_optimizer, lr_schedule  # noqa: E402
+from spjax.train.state import ModelDef, init_state, state_layout  # noqa: E402
+from spjax.train.step import make_train_step  # noqa: E402
+
+
+def time_calls(fn, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_baseline(m: int = 8192, n: int = 8192, k: int = 8192) -> float | None:
+    """Median TFLOP/s of an XLA bf16 matmul with random operands (never zeros); GPU only."""
+    if jax.default_backend() != "gpu":
+        return None
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (m, k), jnp.bfloat16)
+    b = jax.random.normal(kb, (k, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: a @ b)
+    time_calls(lambda: f(a, b), 3)
+    return 2 * m * n * k / statistics.median(time_calls(lambda: f(a, b), 20)) / 1e12
+
+
+def bench_preset(preset: str, seq_len: int, batch: int, steps: int, overrides: list[str],
+                 profile_dir: str = "") -> dict:
+    config = load_config(None, [f"model={preset}", "model.vocab_size=32000",
+                                f"data.seq_len={seq_len}", f"data.batch_size={batch}",
+                                *overrides])
+    model_def = ModelDef.build(config.model)
+    optimizer = build_optimizer(config.optimizer, 10_000)
+    schedule = lr_schedule(config.optimizer, 10_000)
+    mesh = parallel.make_mesh(config.parallel)
+    rules = parallel.sharding_rules(config.parallel)
+    layout = state_layout(model_def, optimizer, mesh, rules)
+    state = init_state(model_def, optimizer, layout, seed=0)
+    batch_sharding = parallel.batch_sharding(mesh, rules)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 32000, size=(batch, seq_len + 1), dtype=np.int32)
+    batch_arrays = parallel.host_to_global(
+        {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, batch_sharding)
+    print(f"[{preset}] initialized; compiling", flush=True)
+    start = time.perf_counter()
+    with parallel.activate(mesh, rules):
+        step = jax.jit(make_train_step(model_def, optimizer, schedule),
+                       in_shardings=(layout.state, batch_sharding),
+                       out_shardings=(layout.state, None), donate_argnums=0)
+        compiled = step.lower(state, batch_arrays).compile()
+    print(f"[{preset}] compiled in {time.perf_counter() - start:.1f}s", flush=True)
+    holder = {"state": state}
+
+    def one():
+        holder["state"], metrics = compiled(holder["state"], batch_arrays)
+        return metrics["loss"]
+
+    time_calls(one, 3)
+    step_s = statistics.median(time_calls(one, steps))
+    if profile_dir:  # a Perfetto trace of 3 steps, to see where the step time goes
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            time_calls(one, 3)
+    tokens_per_s = batch * seq_len / step_s
+    flops_per_token = flops_lib.train_flops_per_token(config.model, seq_len)
+    memory = jax.devices()[0].memory_stats() or {}
+    return {"preset": preset, "params": model_def.param_count(), "seq_len": seq_len,
+            "batch": batch, "step_ms": 1e3 * step_s, "tokens_per_s": tokens_per_s,
+            "tflops": tokens_per_s * flops_per_token / 1e12,
+            "peak_gib": memory.get("peak_bytes_in_use", 0) / 2**30,
+            "overrides": overrides}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="60m,130m,350m")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch", default="64", help="sequences per step: one value, or one per preset")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--json", default="", help="also write the rows to this file")
+    parser.add_argument("--profile", default="", help="trace the last preset into this dir")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.remat=dots")
+    args = parser.parse_args()
+
+    presets = args.presets.split(",")
+    batches = [int(b) for b in args.batch.split(",")]
+    batches = batches * len(presets) if len(batches) == 1 else batches
+    peak = flops_lib.peak_flops_per_device()
+    device = jax.devices()[0]
+    baseline = matmul_baseline()
+    print(f"device: {device.device_kind}; jax {jax.__version__}; "
+          f"baseline XLA bf16 matmul 8192^3: {baseline or 0:.0f} TFLOP/s", flush=True)
+    rows = []
+    for i, (preset, batch) in enumerate(zip(presets, batches)):
+        profile = args.profile if i == len(presets) - 1 else ""
+        row = bench_preset(preset, args.seq_len, batch, args.steps, args.overrides, profile)
+        row["mfu"] = row["tflops"] * 1e12 / peak if peak else None
+        row["vs_matmul"] = row["tflops"] / baseline if baseline else None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n| preset | params | seq x batch | step ms | tokens/s | TFLOP/s | MFU | "
+          f"vs matmul {baseline or 0:.0f} | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+        print(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['seq_len']} x {r['batch']} | "
+              f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | {mfu} | "
+              f"{100 * (r['vs_matmul'] or 0):.0f}% | {r['peak_gib']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""`spjax` command line: train, prepare-data.
+
+User errors (config, data, checkpoint, arguments) print one line `spjax: error: ...` and exit
+with status 2; an interrupted training run exits with 128 + the signal number after saving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from spjax.errors import SpjaxError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from spjax.config import load_config
+    from spjax.train.loop import TrainingInterrupted, train
+
+    config = load_config(args.config, args.overrides)
+    try:
+        train(config)
+    except TrainingInterrupted as e:
+        print(f"spjax: {e}", file=sys.stderr)
+        return 128 + e.signum
+    return 0
+
+
+def _prepare_data(args: argparse.Namespace) -> int:
+    from spjax.data.prepare import prepare_dataset
+
+    meta = prepare_dataset(args.inputs, args.out, tokenizer=args.tokenizer,
+                           val_fraction=args.val_fraction, bpe_vocab_size=args.vocab_size,
+                           seed=args.seed, overwrite=args.overwrite)
+    counts = meta.get("num_tokens", {})
+    print(f"spjax: prepared {args.out}: {counts} tokens, vocabulary {meta['vocab_size']}, "
+          f"unigram entropy {meta['unigram_entropy_nats']:.3f} nats")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spjax", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train (or resume) a model")
+    train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="dotted overrides, e.g. run_dir=runs/a train.steps=100 model=60m")
+    train.set_defaults(run=_train)
+
+    prep = commands.add_parser("prepare-data", help="tokenize text into training shards")
+    prep.add_argument("inputs", nargs="+", metavar="INPUT",
+                      help="text files, globs, directories, or JSONL files with a 'text' field")
+    prep.add_argument("--out", required=True, help="output dataset directory")
+    prep.add_argument("--tokenizer", default="byte",
+                      help="'byte' (default), 'bpe' (train one here), or a tokenizer.json path")
+    prep.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size")
+    prep.add_argument("--val-fraction", type=float, default=0.01,
+                      help="fraction of documents held out for validation")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    prep.set_defaults(run=_prepare_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Quiet TensorFlow-style C++ logs from XLA unless the user asked for them.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return args.run(args)
+    except SpjaxError as e:
+        print(f"spjax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

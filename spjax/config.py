@@ -1,0 +1,330 @@
+"""Typed run configuration: YAML file + dotted `key=value` overrides, strictly validated.
+
+Every section is a frozen dataclass. `load_config(path, overrides)` reads the YAML, expands
+model presets (`model: 60m` or `model: {preset: 60m, vocab_size: 32000}` read
+`configs/models/60m.yaml`), applies overrides in order, and builds the dataclasses. Unknown
+keys, ill-typed values and out-of-range values raise `ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from spjax.errors import ConfigError
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# A rule is (regex, value); rule lists are ordered and the first match wins (see rules.py).
+RuleList = tuple[tuple[str, Any], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearConfig:
+    """Weight structure of the attention and MLP projections (later issues add sparse/low-rank)."""
+
+    structure: Literal["dense"] = "dense"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 0  # 0: take the tokenizer's vocabulary size from the dataset
+    d_model: int = 128
+    d_ff: int = 352
+    n_heads: int = 4
+    n_layers: int = 4
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
+    compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN on GPU, XLA elsewhere
+    remat: Literal["none", "full", "dots"] = "none"  # activation checkpointing per block
+    linear: LinearConfig = LinearConfig()
+
+    def validate(self) -> None:
+        for key in ("d_model", "d_ff", "n_heads", "n_layers"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key} must be > 0, got {getattr(self, key)}")
+        if self.vocab_size < 0:
+            raise ConfigError(f"model.vocab_size must be >= 0 (0 = from data), got {self.vocab_size}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError(f"model.d_model / model.n_heads must be even for RoPE, got "
+                              f"{self.d_model // self.n_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # prepared dataset dir (`spjax prepare-data`); "" = built-in stdlib source
+    seq_len: int = 256
+    batch_size: int = 32  # global, in sequences
+    seed: int = 0  # shuffling seed
+    num_workers: int = 0  # grain worker processes; 0 = in the training process
+
+    def validate(self) -> None:
+        if self.seq_len <= 0:
+            raise ConfigError(f"data.seq_len must be > 0, got {self.seq_len}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"data.batch_size must be > 0, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 3e-3
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to matrices only, never to norms
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    warmup_steps: int | None = None  # None: 10% of train.steps
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise ConfigError("optimizer.b1 and optimizer.b2 must lie in [0, 1)")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("optimizer.grad_clip and optimizer.weight_decay must be >= 0")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optimizer.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0  # parameter init and dropout-free step RNG
+    log_every: int = 10
+    eval_every: int = 200  # 0 disables periodic evaluation (the final one still runs)
+    eval_batches: int = 8
+    checkpoint_every: int = 500  # 0 disables periodic checkpoints (the final one still runs)
+    keep_checkpoints: int = 3
+    progress: bool = True  # progress bar on stderr
+
+    def validate(self) -> None:
+        if self.steps <= 0:
+            raise ConfigError(f"train.steps must be > 0, got {self.steps}")
+        for key in ("log_every", "eval_batches", "keep_checkpoints"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("eval_every", "checkpoint_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+
+
+# Logical axis -> mesh axis (None: replicated). First matching regex wins.
+DEFAULT_SHARDING_RULES: RuleList = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),  # FSDP: every matrix is split along its model dimension
+    (".*", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    rules: RuleList = DEFAULT_SHARDING_RULES
+
+    def validate(self) -> None:
+        if self.data == 0 or self.data < -1:
+            raise ConfigError(f"parallel.data must be >= 1 or -1 (fill), got {self.data}")
+        if self.fsdp <= 0:
+            raise ConfigError(f"parallel.fsdp must be >= 1, got {self.fsdp}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    run_dir: str = "runs/default"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    parallel: ParallelConfig = ParallelConfig()
+
+    def validate(self) -> None:
+        for section in (self.model, self.data, self.optimizer, self.train, self.parallel):
+            section.validate()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Reads YAML (or starts from defaults when path is None), applies overrides, validates."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path), "config file")
+    raw = _expand_model_preset(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. train.steps=100)")
+        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
+        raw = _expand_model_preset(raw)
+    config = from_dict(Config, raw)
+    config.validate()
+    return config
+
+
+def to_dict(config: Any) -> Any:
+    """Dataclass -> plain YAML-able dict (tuples become lists)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (tuple, list)):
+        return [to_dict(v) for v in config]
+    return config
+
+
+def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Builds dataclass `cls` from a dict, rejecting unknown keys and ill-typed values."""
+    where = prefix or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{where}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            key = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _coerce(raw[name], hints[name], key)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is Any:
+        return _freeze(value)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(c) for c in typing.get_args(tp))
+            raise ConfigError(f"config key '{key}' must be one of {choices}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config key '{key}' has invalid value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"config key '{key}' must have {len(args)} items, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    raise ConfigError(f"config key '{key}' has unsupported type {tp}")  # a bug, not user input
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{what} '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        at = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{what} '{path}' is not valid YAML{at}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} '{path}' must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def model_preset(name: str) -> dict[str, Any]:
+    """The dict of configs/models/NAME.yaml, or of a YAML path."""
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIGS_DIR / "models" / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.yaml"))
+        raise ConfigError(f"model preset '{name}' not found; available: {', '.join(available)}")
+    preset = _read_yaml(path, "model preset")
+    preset.setdefault("name", path.stem)
+    return preset
+
+
+def _expand_model_preset(raw: dict[str, Any]) -> dict[str, Any]:
+    model = raw.get("model")
+    if isinstance(model, str):
+        raw = {**raw, "model": model_preset(model)}
+    elif isinstance(model, dict) and "preset" in model:
+        rest = {k: v for k, v in model.items() if k != "preset"}
+        raw = {**raw, "model": {**model_preset(str(model["preset"])), **rest}}
+    return raw
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif isinstance(child, str) and i == 0 and part == "model":
+            child = node[part] = model_preset(child)
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{'.'.join(parts[:i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value

@@ -1,0 +1,22 @@
+"""User-facing errors.
+
+Anything a user can get wrong (config, data, checkpoint, CLI) raises a subclass of
+`SpjaxError` with a one-line message that names the field or file and the fix. The CLI
+prints that line and exits with status 2; it never shows a traceback for these.
+"""
+
+
+class SpjaxError(Exception):
+    """Base class for errors caused by user input."""
+
+
+class ConfigError(SpjaxError):
+    """A config key is unknown, ill-typed or out of range."""
+
+
+class DataError(SpjaxError):
+    """An input file or prepared dataset is missing, empty, binary or unreadable."""
+
+
+class CheckpointError(SpjaxError):
+    """A checkpoint is corrupt or does not match the run it is restored into."""

@@ -1,0 +1,147 @@
+"""LLaMA-style decoder-only language model in Flax NNX.
+
+RMSNorm (pre-norm), rotary position embeddings (rotate-half convention of HF LLaMA), SwiGLU
+MLP, causal multi-head attention, untied embedding and LM head, no biases, N(0, 0.02) init.
+Every projection, the LM head included, comes from the `LinearFactory`, so sparse and
+low-rank structures plug in without touching this file.
+
+Shapes are suffixed on names where they matter: B batch, T sequence, D model, H heads,
+K head dim, F MLP hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spjax import parallel
+from spjax.config import ModelConfig
+from spjax.model.linear import LinearFactory, normal_init
+
+ACTIVATION_AXES = ("batch", "seq", "act_embed")
+
+
+def resolve_attention(config: ModelConfig) -> str:
+    """'auto' -> cuDNN flash attention on GPU in half precision, XLA elsewhere."""
+    if config.attention != "auto":
+        return config.attention
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and config.compute_dtype == "bfloat16" else "xla"
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype: jnp.dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)  # statistics in fp32 whatever the compute dtype
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_TxK2 = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    angles_TxK = jnp.concatenate([angles_TxK2, angles_TxK2], axis=-1)
+    return jnp.cos(angles_TxK), jnp.sin(angles_TxK)
+
+
+def apply_rope(x_BxTxHxK: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array) -> jax.Array:
+    half = x_BxTxHxK.shape[-1] // 2
+    x32 = x_BxTxHxK.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos_TxK[None, :, None, :] + rotated * sin_TxK[None, :, None, :]
+    return out.astype(x_BxTxHxK.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, name: str, config: ModelConfig, linear: LinearFactory, rngs: nnx.Rngs):
+        d, self.n_heads, self.head_dim = config.d_model, config.n_heads, config.head_dim
+        self.implementation = resolve_attention(config)
+        self.q = linear(f"{name}/q", d, d, ("embed", "heads"), rngs)
+        self.k = linear(f"{name}/k", d, d, ("embed", "heads"), rngs)
+        self.v = linear(f"{name}/v", d, d, ("embed", "heads"), rngs)
+        self.o = linear(f"{name}/o", d, d, ("heads", "embed"), rngs)
+
+    def __call__(self, x_BxTxD: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array) -> jax.Array:
+        b, t, _ = x_BxTxD.shape
+        split = lambda y: y.reshape(b, t, self.n_heads, self.head_dim)  # noqa: E731
+        q_BxTxHxK = apply_rope(split(self.q(x_BxTxD)), cos_TxK, sin_TxK)
+        k_BxTxHxK = apply_rope(split(self.k(x_BxTxD)), cos_TxK, sin_TxK)
+        v_BxTxHxK = split(self.v(x_BxTxD))
+        out_BxTxHxK = jax.nn.dot_product_attention(
+            q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True, implementation=self.implementation)
+        return self.o(out_BxTxHxK.reshape(b, t, -1))
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, name: str, config: ModelConfig, linear: LinearFactory, rngs: nnx.Rngs):
+        d, f = config.d_model, config.d_ff
+        self.gate = linear(f"{name}/gate", d, f, ("embed", "mlp"), rngs)
+        self.up = linear(f"{name}/up", d, f, ("embed", "mlp"), rngs)
+        self.down = linear(f"{name}/down", f, d, ("mlp", "embed"), rngs)
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x_BxTxD)) * self.up(x_BxTxD))
+
+
+class Block(nnx.Module):
+    def __init__(self, name: str, config: ModelConfig, linear: LinearFactory, rngs: nnx.Rngs):
+        param_dtype = jnp.dtype(config.param_dtype)
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps, param_dtype)
+        self.attn = Attention(f"{name}/attn", config, linear, rngs)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, param_dtype)
+        self.mlp = SwiGLU(f"{name}/mlp", config, linear, rngs)
+
+    def __call__(self, x_BxTxD: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array) -> jax.Array:
+        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), cos_TxK, sin_TxK)
+        x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+        return parallel.constrain(x_BxTxD, ACTIVATION_AXES)
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing inside a block, recompute everything
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        if config.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be resolved (from the dataset) before building")
+        self.config = config
+        param_dtype = jnp.dtype(config.param_dtype)
+        self.compute_dtype = jnp.dtype(config.compute_dtype)
+        linear = LinearFactory(config.linear, config.init_std, param_dtype, self.compute_dtype)
+        self.embed = nnx.Param(
+            normal_init(config.init_std)(rngs.params(), (config.vocab_size, config.d_model),
+                                         param_dtype), axes=("vocab", "embed"))
+        self.layers = nnx.List(
+            [Block(f"layers/{i}", config, linear, rngs) for i in range(config.n_layers)])
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps, param_dtype)
+        self.lm_head = linear("lm_head", config.d_model, config.vocab_size, ("embed", "vocab"),
+                              rngs, out_dtype=jnp.float32)
+
+    def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
+        """Token ids -> fp32 logits_BxTxV."""
+        cos_TxK, sin_TxK = rope_tables(tokens_BxT.shape[1], self.config.head_dim,
+                                       self.config.rope_theta)
+        x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.compute_dtype)
+        x_BxTxD = parallel.constrain(x_BxTxD, ACTIVATION_AXES)
+
+        def run_block(block: Block, x: jax.Array) -> jax.Array:
+            return block(x, cos_TxK, sin_TxK)
+
+        if self.config.remat != "none":
+            run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[self.config.remat])
+        for block in self.layers:
+            x_BxTxD = run_block(block, x_BxTxD)
+        return self.lm_head(self.final_norm(x_BxTxD))
+
+
+def closed_form_param_count(config: ModelConfig) -> int:
+    """Parameters of the dense model: per layer 4d^2 + 3df + 2d, plus 2Vd + d."""
+    d, f, v, n = config.d_model, config.d_ff, config.vocab_size, config.n_layers
+    return n * (4 * d * d + 3 * d * f + 2 * d) + 2 * v * d + d

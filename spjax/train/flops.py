@@ -1,0 +1,43 @@
+"""Training FLOPs and model FLOPs utilization (MFU).
+
+Per token, a training step costs 6 x (parameters that take part in a matmul) -- forward 2,
+backward 4 -- plus attention's score and value products. The embedding table is a gather, not a
+matmul, and norm scales are elementwise, so neither counts. Attention is counted causally:
+with a causal mask only about half of the T x T scores are computed (cuDNN and flash kernels
+skip the rest), so per token and layer the products cost 2 x 2 x d x T / 2 forward, x 3 for the
+training step: 6 x n_layers x d_model x T. This is the conservative count; the PaLM convention
+(no causal halving) would report attention FLOPs twice as large.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from spjax.config import ModelConfig
+
+# Dense bf16 tensor-core peak (no structured sparsity), FLOP/s, by device_kind substring.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+}
+
+
+def matmul_params(config: ModelConfig) -> int:
+    d, f, n = config.d_model, config.d_ff, config.n_layers
+    return n * (4 * d * d + 3 * d * f) + d * config.vocab_size  # + LM head
+
+
+def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    attention = 6 * config.n_layers * config.d_model * seq_len
+    return 6 * matmul_params(config) + attention
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+    """Peak dense bf16 FLOP/s of the device, or None when unknown (CPU)."""
+    device = device or jax.devices()[0]
+    kind = getattr(device, "device_kind", "")
+    for name, peak in PEAK_BF16_FLOPS.items():
+        if name in kind:
+            return peak
+    return None

@@ -1,0 +1,14 @@
+"""Test setup: 8 forced host devices so sharding, FSDP and expert parallelism run on CPU.
+
+The flag must be set before jax is imported anywhere, hence at the top of conftest.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
