@@ -72,6 +72,7 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract_state),
                 data=grain.checkpoint.CheckpointRestore(data_iterator)))
         except Exception as e:
+            self._manager.close()  # lets in-flight reads of the failed restore wind down
             raise CheckpointError(f"checkpoint {where} is corrupt or does not match this run "
                                   f"({_first_line(e)}); delete it to fall back to an earlier "
                                   f"one, or use a new run_dir") from None
@@ -105,5 +106,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+    """The gist of a library exception: its first sentence, capped, on one line."""
+    text = " ".join(str(e).split())
+    text = text.split(". ")[0][:160]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

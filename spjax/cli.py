@@ -75,5 +75,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """Console-script entry point."""
+    code = main()
+    if code == 2:
+        # A user error may leave library threads mid-flight (a failed orbax restore has pending
+        # tensorstore reads) that print 'Event loop is closed' tracebacks during interpreter
+        # teardown. Nothing is left to save, so leave without it: the message stays one line.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

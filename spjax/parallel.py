@@ -74,10 +74,11 @@ def variable_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> Any:
     """Pure-dict pytree of NamedSharding, one per variable, from its `axes` metadata."""
 
     def one(variable: nnx.Variable) -> NamedSharding:
-        axes = variable.get_metadata().get("axes") or (None,) * variable.value.ndim
-        if len(axes) != variable.value.ndim:
-            raise ValueError(f"axes {axes} do not match shape {variable.value.shape}")
-        return NamedSharding(mesh, logical_to_spec(axes, variable.value.shape, rules, mesh))
+        shape = variable.get_value().shape
+        axes = variable.get_metadata().get("axes") or (None,) * len(shape)
+        if len(axes) != len(shape):
+            raise ValueError(f"axes {axes} do not match shape {shape}")
+        return NamedSharding(mesh, logical_to_spec(axes, shape, rules, mesh))
 
     shardings = jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(shardings)

@@ -35,7 +35,7 @@ def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation
         loss, grads = jax.value_and_grad(loss_fn)(state.params, state.structure, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state.step)}
         new_state = TrainState(step=state.step + 1, params=params, structure=state.structure,
                                opt_state=opt_state, rng=state.rng)

@@ -1,0 +1,1 @@
+"""Pallas kernels, one folder per op: reference.py, kernel.py, api.py, bench.py."""
