@@ -14,9 +14,12 @@ leftover temporary directories are cleaned up on the next start.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import grain
 import orbax.checkpoint as ocp
@@ -68,11 +71,11 @@ class Checkpointer:
                                   f"one, or use a new run_dir") from None
         _check_meta(meta, {"format_version": FORMAT_VERSION, **expected_meta}, where)
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator)))
+            with _quiet_failed_reads():
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=grain.checkpoint.CheckpointRestore(data_iterator)))
         except Exception as e:
-            self._manager.close()  # lets in-flight reads of the failed restore wind down
             raise CheckpointError(f"checkpoint {where} is corrupt or does not match this run "
                                   f"({_first_line(e)}); delete it to fall back to an earlier "
                                   f"one, or use a new run_dir") from None
@@ -103,6 +106,26 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = list(value) if isinstance(value, tuple) else value
     return flat
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads() -> Iterator[None]:
+    """Drops 'Event loop is closed' errors raised in library threads while restoring.
+
+    When a read fails (a corrupt file), orbax closes its event loop while other tensorstore
+    reads are still in flight; their completion callbacks then raise that error and print
+    tracebacks around our one-line message. They carry no information. The filter stays
+    installed after a failure, since those callbacks may still be arriving."""
+
+    def is_noise(exc: BaseException | None) -> bool:
+        return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+    saved = sys.excepthook, sys.unraisablehook, threading.excepthook
+    sys.excepthook = lambda t, v, tb: None if is_noise(v) else saved[0](t, v, tb)
+    sys.unraisablehook = lambda u: None if is_noise(u.exc_value) else saved[1](u)
+    threading.excepthook = lambda a: None if is_noise(a.exc_value) else saved[2](a)
+    yield
+    sys.excepthook, sys.unraisablehook, threading.excepthook = saved
 
 
 def _first_line(e: BaseException) -> str:
