@@ -30,8 +30,7 @@ import numpy as np  # noqa: E402
 from spjax import parallel  # noqa: E402
 from spjax.config import load_config  # noqa: E402
 from spjax.train import flops as flops_lib  # noqa: E402
-from spjax.train.optimizer import build_optimizer, lr_schedule  # noqa: E402
-from spjax.train.state import ModelDef, init_state, state_layout  # noqa: E402
+from spjax.train.state import Program, init_state, state_layout  # noqa: E402
 from spjax.train.step import make_train_step  # noqa: E402
 
 
@@ -58,16 +57,14 @@ def matmul_baseline(m: int = 8192, n: int = 8192, k: int = 8192) -> float | None
 
 def bench_preset(preset: str, seq_len: int, batch: int, steps: int, overrides: list[str],
                  profile_dir: str = "") -> dict:
-    config = load_config(None, [f"model={preset}", "model.vocab_size=32000",
+    config = load_config(None, [f"model={preset}", "model.vocab_size=32000", "train.steps=10000",
                                 f"data.seq_len={seq_len}", f"data.batch_size={batch}",
                                 *overrides])
-    model_def = ModelDef.build(config.model)
-    optimizer = build_optimizer(config.optimizer, 10_000)
-    schedule = lr_schedule(config.optimizer, 10_000)
+    program = Program.build(config)
     mesh = parallel.make_mesh(config.parallel)
     rules = parallel.sharding_rules(config.parallel)
-    layout = state_layout(model_def, optimizer, mesh, rules)
-    state = init_state(model_def, optimizer, layout, seed=0)
+    layout = state_layout(program, mesh, rules)
+    state = init_state(program, layout, seed=0)
     batch_sharding = parallel.batch_sharding(mesh, rules)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 32000, size=(batch, seq_len + 1), dtype=np.int32)
@@ -76,7 +73,7 @@ def bench_preset(preset: str, seq_len: int, batch: int, steps: int, overrides: l
     print(f"[{preset}] initialized; compiling", flush=True)
     start = time.perf_counter()
     with parallel.activate(mesh, rules):
-        step = jax.jit(make_train_step(model_def, optimizer, schedule),
+        step = jax.jit(make_train_step(program),
                        in_shardings=(layout.state, batch_sharding),
                        out_shardings=(layout.state, None), donate_argnums=0)
         compiled = step.lower(state, batch_arrays).compile()
@@ -95,7 +92,7 @@ def bench_preset(preset: str, seq_len: int, batch: int, steps: int, overrides: l
     tokens_per_s = batch * seq_len / step_s
     flops_per_token = flops_lib.train_flops_per_token(config.model, seq_len)
     memory = jax.devices()[0].memory_stats() or {}
-    return {"preset": preset, "params": model_def.param_count(), "seq_len": seq_len,
+    return {"preset": preset, "params": program.model_def.param_count(), "seq_len": seq_len,
             "batch": batch, "step_ms": 1e3 * step_s, "tokens_per_s": tokens_per_s,
             "tflops": tokens_per_s * flops_per_token / 1e12,
             "peak_gib": memory.get("peak_bytes_in_use", 0) / 2**30,

@@ -17,18 +17,12 @@ from typing import Any, Literal
 import yaml
 
 from spjax.errors import ConfigError
+from spjax.sparsity.config import SparsityConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # A rule is (regex, value); rule lists are ordered and the first match wins (see rules.py).
 RuleList = tuple[tuple[str, Any], ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class LinearConfig:
-    """Weight structure of the attention and MLP projections (later issues add sparse/low-rank)."""
-
-    structure: Literal["dense"] = "dense"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +40,6 @@ class ModelConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN on GPU, XLA elsewhere
     remat: Literal["none", "full", "dots"] = "none"  # activation checkpointing per block
-    linear: LinearConfig = LinearConfig()
 
     def validate(self) -> None:
         for key in ("d_model", "d_ff", "n_heads", "n_layers"):
@@ -159,9 +152,11 @@ class Config:
     optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainConfig = TrainConfig()
     parallel: ParallelConfig = ParallelConfig()
+    sparsity: SparsityConfig = SparsityConfig()
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.optimizer, self.train, self.parallel):
+        for section in (self.model, self.data, self.optimizer, self.train, self.parallel,
+                        self.sparsity):
             section.validate()
 
 

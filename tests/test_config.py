@@ -29,7 +29,7 @@ def test_round_trip_through_dict():
 @pytest.mark.parametrize("override, key", [
     ("train.stepz=3", "train.stepz"),
     ("trian.steps=3", "trian"),
-    ("model.linear.structur=dense", "model.linear.structur"),
+    ("sparsity.rigl.drop=0.1", "sparsity.rigl.drop"),
 ])
 def test_unknown_key_is_named(override, key):
     with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):

@@ -20,7 +20,7 @@ from spjax.errors import ConfigError
 from spjax.data import prepare_dataset
 from spjax.train.loop import train
 from spjax.train.optimizer import build_optimizer, lr_schedule
-from spjax.train.state import ModelDef, init_state, state_layout
+from spjax.train.state import Program, init_state, state_layout
 from spjax.train.step import make_train_step
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -97,18 +97,17 @@ def test_weight_decay_skips_norm_scales_and_clipping_bounds_the_update():
 
 
 def _run_steps(dataset: Path, data: int, fsdp: int, batches: list[dict], n_devices: int):
-    config = load_config(None, [*SMALL_MODEL, "model.vocab_size=257",
+    config = load_config(None, [*SMALL_MODEL, "model.vocab_size=257", "train.steps=100",
                                 "model.compute_dtype=float32", f"parallel.data={data}",
                                 f"parallel.fsdp={fsdp}", "optimizer.warmup_steps=1"])
     mesh = parallel.make_mesh(config.parallel, jax.devices()[:n_devices])
     rules = parallel.sharding_rules(config.parallel)
-    model_def = ModelDef.build(config.model)
-    optimizer = build_optimizer(config.optimizer, 100)
-    layout = state_layout(model_def, optimizer, mesh, rules)
-    state = init_state(model_def, optimizer, layout, seed=0)
+    program = Program.build(config)
+    layout = state_layout(program, mesh, rules)
+    state = init_state(program, layout, seed=0)
     batch_sharding = parallel.batch_sharding(mesh, rules)
     with parallel.activate(mesh, rules):
-        step = jax.jit(make_train_step(model_def, optimizer, lr_schedule(config.optimizer, 100)),
+        step = jax.jit(make_train_step(program),
                        in_shardings=(layout.state, batch_sharding),
                        out_shardings=(layout.state, None), donate_argnums=0)
         losses = []

@@ -22,9 +22,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spjax.config import LinearConfig
+from spjax.sparsity.masks import PrunedScale, SparsityMask
 
 Axes = tuple[str | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSpec:
+    """The structure one linear layer gets (decided per layer name by rules)."""
+
+    structure: str = "dense"  # a key of STRUCTURES
 
 
 def normal_init(std: float) -> Callable:
@@ -54,23 +61,51 @@ class DenseLinear(nnx.Module):
         return y.astype(self.out_dtype)
 
 
-# structure name (LinearConfig.structure) -> module class
-STRUCTURES: dict[str, type[nnx.Module]] = {"dense": DenseLinear}
+class MaskedLinear(DenseLinear):
+    """y = x @ W_eff with W_eff = W * (M + (1 - M) * pruned_scale).
+
+    The mask (bool, True = kept) sits beside the kernel with the kernel's axes, so it is
+    sharded and checkpointed like it. The forward uses W_eff; the gradient is straight-through
+    (dL/dW = dL/dW_eff, dense): what reaches the optimizer is the sparsity method's choice
+    (masked for sparse training, dense for STE methods, plus SR-STE/AST decay terms), and RigL
+    reads the dense gradient to regrow. Masks start all-True; the method sets them at init.
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, axes: Axes, init_std: float,
+                 param_dtype: jnp.dtype, compute_dtype: jnp.dtype, out_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        super().__init__(d_in, d_out, axes=axes, init_std=init_std, param_dtype=param_dtype,
+                         compute_dtype=compute_dtype, out_dtype=out_dtype, rngs=rngs)
+        self.mask = SparsityMask(jnp.ones((d_in, d_out), bool), axes=axes)
+        self.pruned_scale = PrunedScale(jnp.zeros((), jnp.float32), axes=())
+
+    def effective_kernel(self) -> jax.Array:
+        kernel = self.kernel[...]
+        keep = jnp.where(self.mask[...], 1.0, self.pruned_scale[...]).astype(kernel.dtype)
+        return kernel + jax.lax.stop_gradient(kernel * keep - kernel)
+
+
+# LinearSpec.structure -> module class
+STRUCTURES: dict[str, type[nnx.Module]] = {"dense": DenseLinear, "masked": MaskedLinear}
+
+
+def dense_everywhere(name: str) -> LinearSpec:
+    del name
+    return LinearSpec()
 
 
 @dataclasses.dataclass(frozen=True)
 class LinearFactory:
-    """Builds each named linear layer with the structure its config assigns."""
+    """Builds each named linear layer with the structure `assign(name)` gives it."""
 
-    config: LinearConfig
+    assign: Callable[[str], LinearSpec]
     init_std: float
     param_dtype: jnp.dtype
     compute_dtype: jnp.dtype
 
     def __call__(self, name: str, d_in: int, d_out: int, axes: Axes, rngs: nnx.Rngs,
                  out_dtype: jnp.dtype | None = None) -> nnx.Module:
-        del name  # per-layer structure assignment by rule arrives with the sparsity issue
-        cls = STRUCTURES[self.config.structure]
+        cls = STRUCTURES[self.assign(name).structure]
         return cls(d_in, d_out, axes=axes, init_std=self.init_std, param_dtype=self.param_dtype,
                    compute_dtype=self.compute_dtype, out_dtype=out_dtype or self.compute_dtype,
                    rngs=rngs)

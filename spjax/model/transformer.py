@@ -11,13 +11,15 @@ K head dim, F MLP hidden, V vocabulary.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from spjax import parallel
 from spjax.config import ModelConfig
-from spjax.model.linear import LinearFactory, normal_init
+from spjax.model.linear import LinearFactory, LinearSpec, dense_everywhere, normal_init
 
 ACTIVATION_AXES = ("batch", "seq", "act_embed")
 
@@ -108,13 +110,15 @@ _REMAT_POLICIES = {
 
 
 class Transformer(nnx.Module):
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs,
+                 assign: Callable[[str], LinearSpec] = dense_everywhere):
+        """`assign(layer_name)` gives each linear layer its structure (sparsity rules)."""
         if config.vocab_size <= 0:
             raise ValueError("model.vocab_size must be resolved (from the dataset) before building")
         self.config = config
         param_dtype = jnp.dtype(config.param_dtype)
         self.compute_dtype = jnp.dtype(config.compute_dtype)
-        linear = LinearFactory(config.linear, config.init_std, param_dtype, self.compute_dtype)
+        linear = LinearFactory(assign, config.init_std, param_dtype, self.compute_dtype)
         self.embed = nnx.Param(
             normal_init(config.init_std)(rngs.params(), (config.vocab_size, config.d_model),
                                          param_dtype), axes=("vocab", "embed"))

@@ -29,8 +29,7 @@ from spjax.data.prepare import default_dataset, load_meta
 from spjax.errors import ConfigError, SpjaxError
 from spjax.train import flops as flops_lib
 from spjax.train.metrics import MetricsWriter
-from spjax.train.optimizer import build_optimizer, lr_schedule
-from spjax.train.state import ModelDef, TrainState, init_state, state_layout
+from spjax.train.state import Program, TrainState, init_state, state_layout
 from spjax.train.step import make_eval_step, make_train_step
 
 
@@ -96,11 +95,9 @@ def train(config: Config) -> dict[str, Any]:
     if config.data.batch_size % shards:
         raise ConfigError(f"data.batch_size ({config.data.batch_size}) must be divisible by the "
                           f"{shards} batch shards of the mesh (parallel.data x parallel.fsdp)")
-    model_def = ModelDef.build(config.model)
+    program = Program.build(config)
     total_steps = config.train.steps
-    optimizer = build_optimizer(config.optimizer, total_steps)
-    schedule = lr_schedule(config.optimizer, total_steps)
-    layout = state_layout(model_def, optimizer, mesh, rules)
+    layout = state_layout(program, mesh, rules)
     batch_sharding = parallel.batch_sharding(mesh, rules)
 
     data_iter = train_iterator(config.data.path, config.data.seq_len, config.data.batch_size,
@@ -111,16 +108,16 @@ def train(config: Config) -> dict[str, Any]:
     if resume_step is not None:
         state = checkpointer.restore(resume_step, layout.abstract, data_iter, ckpt_meta)
     else:
-        state = init_state(model_def, optimizer, layout, config.train.seed)
+        state = init_state(program, layout, config.train.seed)
     start_step = int(state.step)
     if is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
     with parallel.activate(mesh, rules):
-        train_step = jax.jit(make_train_step(model_def, optimizer, schedule),
+        train_step = jax.jit(make_train_step(program),
                              in_shardings=(layout.state, batch_sharding),
                              out_shardings=(layout.state, None), donate_argnums=0)
-        eval_step = jax.jit(make_eval_step(model_def), in_shardings=(layout.state, batch_sharding))
+        eval_step = jax.jit(make_eval_step(program), in_shardings=(layout.state, batch_sharding))
         val_batches = [parallel.host_to_global(b, batch_sharding) for b in eval_batches(
             config.data.path, config.data.seq_len, config.data.batch_size,
             config.train.eval_batches)]
@@ -130,10 +127,12 @@ def train(config: Config) -> dict[str, Any]:
         compile_s = time.time() - compile_start
 
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    flops_per_token = flops_lib.train_flops_per_token(config.model, config.data.seq_len)
+    # MFU counts the work the hardware does: masks are applied to dense matmuls here, so the
+    # dense count. The FLOPs sparse training actually needs are in the accounting metrics.
+    flops_per_token = program.accounting.dense_flops_per_token
     peak = flops_lib.peak_flops_per_device()
     peak_total = peak * mesh.size if peak else None
-    n_params = model_def.param_count()
+    n_params = program.model_def.param_count()
     if is_main:
         print(f"spjax: model {config.model.name}: {n_params:,} parameters "
               f"({n_params / 1e6:.2f}M); {flops_per_token / 1e9:.3f} GFLOP/token; "
@@ -141,6 +140,13 @@ def train(config: Config) -> dict[str, Any]:
               f"data {config.data.path} (unigram entropy "
               f"{data_meta.get('unigram_entropy_nats', float('nan')):.3f} nats); "
               f"compiled in {compile_s:.1f}s", flush=True)
+        if program.engine is not None:
+            engine = program.engine
+            kept = sum(layer.kept_weights for layer in engine.layers)
+            print(f"spjax: sparsity {config.sparsity.method} ({config.sparsity.pattern}, "
+                  f"{config.sparsity.distribution}) on {len(engine.layers)} layers: finally "
+                  f"{kept:,} of {engine.masked_size:,} weights kept "
+                  f"({kept / engine.masked_size:.1%})", flush=True)
         if resume_step is not None:
             print(f"spjax: resumed from step {resume_step} in {checkpointer.directory}", flush=True)
 
@@ -210,6 +216,8 @@ def train(config: Config) -> dict[str, Any]:
 
     val_loss = evaluate(state)
     tokens_seen = step * tokens_per_step
+    accounting = jax.device_get(state.accounting)
+    now = jax.device_get(program.accounting.measure(state.structure))
     summary = {
         "model": config.model.name,
         "params": n_params,
@@ -219,14 +227,20 @@ def train(config: Config) -> dict[str, Any]:
         "final_val_loss": val_loss,
         "final_val_perplexity": _ppl(val_loss),
         "unigram_entropy_nats": data_meta.get("unigram_entropy_nats"),
-        "flops_per_token": flops_per_token,
-        "train_flops": flops_per_token * tokens_seen,
+        "sparsity_method": config.sparsity.method,
+        "nonzero_params": float(now["nonzero_params"]),
+        "avg_nonzero_params": float(accounting["avg_nonzero_params"]),
+        "dense_flops_per_token": flops_per_token,
+        "train_flops": float(accounting["avg_flops_per_token"]) * tokens_seen,
+        "dense_train_flops": flops_per_token * tokens_seen,
+        "train_flops_vs_dense": float(accounting["avg_flops_per_token"]) / flops_per_token,
         "tokens_per_s": tokens_per_step / float(np.median(step_times)) if step_times else None,
         "wall_time_s": time.time() - wall_start,
         "compile_time_s": compile_s,
         "resumed_from_step": resume_step,
         "devices": mesh.size,
         "device_kind": jax.devices()[0].device_kind,
+        "layer_density": program.accounting.layer_densities(state.structure),
     }
     if peak_total and summary["tokens_per_s"]:
         summary["mfu"] = summary["tokens_per_s"] * flops_per_token / peak_total

@@ -6,13 +6,17 @@ and the step merges it back with `nnx.merge(graphdef, params, structure)`.
 
 - `params`: every `nnx.Param` (trainable; the optimizer sees exactly these);
 - `structure`: every other variable (sparsity masks, index tables...), not differentiated;
-- `rng`: raw uint32 key data, so checkpoints store a plain array.
+- `rng`: raw uint32 key data, so checkpoints store a plain array;
+- `accounting`: running means of non-zero parameters and FLOPs per token.
+
+`Program` bundles everything static the pure steps are built from (model graph, optimizer,
+schedule, sparsity engine, accounting), derived once from the config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +25,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from spjax import parallel
-from spjax.config import ModelConfig
+from spjax.config import Config, ModelConfig
+from spjax.model.linear import LinearSpec, dense_everywhere
 from spjax.model.transformer import Transformer
 from spjax.rules import Rules
+from spjax.sparsity.accounting import Accounting
+from spjax.sparsity.engine import SparsityEngine, layer_assignment
+from spjax.train.optimizer import build_optimizer, lr_schedule
 
 
 @jax.tree_util.register_dataclass
@@ -34,6 +42,7 @@ class TrainState:
     structure: Any
     opt_state: Any
     rng: jax.Array  # uint32 key data
+    accounting: Any  # {"avg_nonzero_params", "avg_flops_per_token"}: running means
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,21 +50,48 @@ class ModelDef:
     """A model's static graph and the abstract (shape-only) states of its variables."""
 
     config: ModelConfig
+    assign: Callable[[str], LinearSpec]  # per-layer structure (sparsity rules)
     graphdef: nnx.GraphDef
     abstract_params: nnx.State  # carries each variable's `axes` metadata
     abstract_structure: nnx.State
 
     @classmethod
-    def build(cls, config: ModelConfig) -> ModelDef:
-        abstract = nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0)))
+    def build(cls, config: ModelConfig,
+              assign: Callable[[str], LinearSpec] = dense_everywhere) -> ModelDef:
+        abstract = nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0), assign))
         graphdef, params, structure = nnx.split(abstract, nnx.Param, ...)
-        return cls(config, graphdef, params, structure)
+        return cls(config, assign, graphdef, params, structure)
+
+    def create(self, seed: int) -> Transformer:
+        return Transformer(self.config, nnx.Rngs(params=seed), self.assign)
 
     def merge(self, params: Any, structure: Any) -> Transformer:
         return nnx.merge(self.graphdef, params, structure)
 
     def param_count(self) -> int:
         return sum(x.size for x in jax.tree.leaves(self.abstract_params))
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """Everything static that the pure train and eval steps are built from."""
+
+    model_def: ModelDef
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    engine: SparsityEngine | None
+    accounting: Accounting
+
+    @classmethod
+    def build(cls, config: Config) -> Program:
+        model_def = ModelDef.build(config.model, layer_assignment(config.sparsity))
+        steps = config.train.steps
+        engine = SparsityEngine.build(config.sparsity,
+                                      nnx.to_pure_dict(model_def.abstract_structure), steps)
+        accounting = Accounting.build(config.model, config.data.seq_len,
+                                      model_def.param_count(), engine)
+        return cls(model_def, build_optimizer(config.optimizer, steps),
+                   lr_schedule(config.optimizer, steps), engine, accounting)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,21 +104,22 @@ class StateLayout:
     abstract: TrainState  # a TrainState of ShapeDtypeStructs carrying those shardings
 
 
-def _abstract_state(model_def: ModelDef, optimizer: optax.GradientTransformation) -> TrainState:
-    def init() -> TrainState:
-        model = Transformer(model_def.config, nnx.Rngs(params=0))
-        _, params, structure = nnx.split(model, nnx.Param, ...)
-        params, structure = nnx.to_pure_dict(params), nnx.to_pure_dict(structure)
-        rng = jax.random.key_data(jax.random.key(0))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, structure=structure,
-                          opt_state=optimizer.init(params), rng=rng)
+def _fresh_state(program: Program, seed: int) -> TrainState:
+    """The initial state; runs eagerly or under eval_shape (never jitted whole: see below)."""
+    _, params, structure = nnx.split(program.model_def.create(seed), nnx.Param, ...)
+    params, structure = nnx.to_pure_dict(params), nnx.to_pure_dict(structure)
+    key = jax.random.key(seed)
+    if program.engine is not None:
+        params, structure = program.engine.init(params, structure, jax.random.fold_in(key, 2))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, structure=structure,
+                      opt_state=program.optimizer.init(params),
+                      rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+                      accounting=program.accounting.initial_state(structure))
 
-    return jax.eval_shape(init)
 
-
-def state_layout(model_def: ModelDef, optimizer: optax.GradientTransformation, mesh: Mesh,
-                 rules: Rules) -> StateLayout:
-    abstract = _abstract_state(model_def, optimizer)
+def state_layout(program: Program, mesh: Mesh, rules: Rules) -> StateLayout:
+    model_def = program.model_def
+    abstract = jax.eval_shape(lambda: _fresh_state(program, 0))
     params = parallel.variable_shardings(model_def.abstract_params, mesh, rules)
     structure = parallel.variable_shardings(model_def.abstract_structure, mesh, rules)
     replicated = NamedSharding(mesh, P())
@@ -90,14 +127,13 @@ def state_layout(model_def: ModelDef, optimizer: optax.GradientTransformation, m
         step=replicated, params=params, structure=structure,
         opt_state=parallel.like_params_shardings(abstract.opt_state, abstract.params, params,
                                                  mesh),
-        rng=replicated)
+        rng=replicated, accounting=jax.tree.map(lambda _: replicated, abstract.accounting))
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return StateLayout(mesh, rules, shardings, abstract)
 
 
-def init_state(model_def: ModelDef, optimizer: optax.GradientTransformation,
-               layout: StateLayout, seed: int) -> TrainState:
+def init_state(program: Program, layout: StateLayout, seed: int) -> TrainState:
     """Initializes the model and places every array in its sharded layout.
 
     Parameters are drawn eagerly, one small kernel per tensor, then moved to their shardings:
@@ -105,13 +141,20 @@ def init_state(model_def: ModelDef, optimizer: optax.GradientTransformation,
     compile alarm fires). Values do not depend on the mesh, so sharded and single-device runs
     start identical. The cost is one full copy of the parameters on one device at start-up.
     """
-    model = Transformer(model_def.config, nnx.Rngs(params=seed))
-    _, params, structure = nnx.split(model, nnx.Param, ...)
+    _, params, structure = nnx.split(program.model_def.create(seed), nnx.Param, ...)
     params = jax.device_put(nnx.to_pure_dict(params), layout.state.params)
     structure = jax.device_put(nnx.to_pure_dict(structure), layout.state.structure)
-    del model
-    opt_state = jax.jit(optimizer.init, out_shardings=layout.state.opt_state)(params)
-    rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
-    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), layout.state.step),
+    key = jax.random.key(seed)
+    if program.engine is not None:
+        init_masks = jax.jit(program.engine.init,
+                             out_shardings=(layout.state.params, layout.state.structure))
+        with parallel.activate(layout.mesh, layout.rules):
+            params, structure = init_masks(params, structure, jax.random.fold_in(key, 2))
+    opt_state = jax.jit(program.optimizer.init, out_shardings=layout.state.opt_state)(params)
+    rng = jax.random.key_data(jax.random.fold_in(key, 1))
+    put = jax.device_put
+    return TrainState(step=put(jnp.zeros((), jnp.int32), layout.state.step),
                       params=params, structure=structure, opt_state=opt_state,
-                      rng=jax.device_put(rng, layout.state.rng))
+                      rng=put(rng, layout.state.rng),
+                      accounting=put(program.accounting.initial_state(structure),
+                                     layout.state.accounting))

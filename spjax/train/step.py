@@ -2,7 +2,12 @@
 
 No Python side effects inside; gradients are taken over `state.params` only (never over
 masks or other structure), and the caller jits these with explicit shardings and donates the
-incoming state.
+incoming state. With a sparsity method, one step is:
+
+  forward/backward with the current masks (straight-through: dense gradient)
+  -> the method's optimizer gradients (masked, or dense plus decay terms)
+  -> optimizer update
+  -> the method's mask update when due (prune/regrow, moments of changed weights zeroed)
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from spjax.train.state import ModelDef, TrainState
+from spjax.train.state import ModelDef, Program, TrainState
 
 Batch = dict[str, jax.Array]  # {"inputs": int32[B, T], "targets": int32[B, T]}
 Metrics = dict[str, jax.Array]
@@ -25,30 +30,51 @@ def token_losses(model_def: ModelDef, params: Any, structure: Any, batch: Batch)
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
 
 
-def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable[[TrainState, Batch], tuple[TrainState,
-                                                                                  Metrics]]:
+def make_train_step(program: Program) -> Callable[[TrainState, Batch], tuple[TrainState,
+                                                                              Metrics]]:
+    model_def, engine, accounting = program.model_def, program.engine, program.accounting
+
     def loss_fn(params: Any, structure: Any, batch: Batch) -> jax.Array:
         return jnp.mean(token_losses(model_def, params, structure, batch))
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, state.structure, batch)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        structure = state.structure
+        if engine is not None:
+            structure = engine.prepare(state.step, structure)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, structure, batch)
+        if engine is not None:
+            grads_for_optimizer = engine.optimizer_grads(state.step, grads, state.params,
+                                                         structure)
+        else:
+            grads_for_optimizer = grads
+        updates, opt_state = program.optimizer.update(grads_for_optimizer, state.opt_state,
+                                                      state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state.step)}
-        new_state = TrainState(step=state.step + 1, params=params, structure=state.structure,
-                               opt_state=opt_state, rng=state.rng)
+        steps_done = state.step + 1
+        counts, now = accounting.update_state(state.accounting, structure, steps_done)
+        if engine is not None:
+            key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+            params, structure, opt_state = engine.update(steps_done, params, structure,
+                                                         opt_state, grads, key)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads_for_optimizer),
+                   "lr": program.schedule(state.step), **now,
+                   "avg_nonzero_params": counts["avg_nonzero_params"]}
+        new_state = TrainState(step=steps_done, params=params, structure=structure,
+                               opt_state=opt_state, rng=state.rng, accounting=counts)
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(model_def: ModelDef) -> Callable[[TrainState, Batch], Metrics]:
+def make_eval_step(program: Program) -> Callable[[TrainState, Batch], Metrics]:
     """Summed loss and token count, so batches of any size average exactly."""
+    model_def, engine = program.model_def, program.engine
 
     def eval_step(state: TrainState, batch: Batch) -> Metrics:
-        losses = token_losses(model_def, state.params, state.structure, batch)
+        structure = state.structure
+        if engine is not None:
+            structure = engine.prepare(state.step, structure)
+        losses = token_losses(model_def, state.params, structure, batch)
         return {"loss_sum": jnp.sum(losses), "tokens": jnp.asarray(losses.size, jnp.float32)}
 
     return eval_step

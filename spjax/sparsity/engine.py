@@ -1,0 +1,235 @@
+"""The sparsity engine: connects a method to the train state.
+
+It finds the masked layers in the params/structure trees, decides per-layer targets (rules +
+distribution), and gives the train step four pure functions:
+
+  init(params, structure, key)             masks at step 0 (kernels of hard methods pruned)
+  prepare(t, structure)                    per-step forward factors (MDGF)
+  optimizer_grads(t, grads, params, structure)   masked / straight-through / decayed grads
+  update(t, params, structure, opt_state, grads, key)
+                                           on schedule (lax.cond): new masks; pruned weights
+                                           zeroed, regrown ones start at zero, and every
+                                           changed weight's optimizer moments zeroed, for any
+                                           optax state
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from spjax.errors import ConfigError
+from spjax.model.linear import LinearSpec
+from spjax.rules import Rules
+from spjax.sparsity.config import SparsityConfig
+from spjax.sparsity.masks import counts_for, erk_densities
+from spjax.sparsity.methods import Method, SparseLayer, build_method
+
+
+def layer_rules(config: SparsityConfig) -> Rules:
+    return Rules.from_pairs(config.rules, source="sparsity.rules")
+
+
+def layer_assignment(config: SparsityConfig) -> Callable[[str], LinearSpec]:
+    """Linear-factory assignment: masked where the rules say 'sparse' or give a density."""
+    if not config.enabled:
+        return lambda name: LinearSpec()
+    rules = layer_rules(config)
+
+    def assign(name: str) -> LinearSpec:
+        value = rules.lookup(name, "dense")
+        _check_rule_value(name, value)
+        return LinearSpec("dense" if value == "dense" else "masked")
+
+    return assign
+
+
+def _check_rule_value(name: str, value: Any) -> None:
+    if value in ("dense", "sparse"):
+        return
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
+        return
+    raise ConfigError(f"sparsity.rules: value for '{name}' must be 'sparse', 'dense' or a "
+                      f"density in (0, 1], got {value!r}")
+
+
+def _find_masks(tree: Any, prefix: tuple = ()) -> list[tuple[Any, ...]]:
+    """Paths of modules that hold a 'mask' leaf, in tree order."""
+    if not isinstance(tree, dict):
+        return []
+    found = [prefix] if "mask" in tree else []
+    for key, child in tree.items():
+        found += _find_masks(child, prefix + (key,))
+    return found
+
+
+def get_path(tree: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_path(tree: dict, path: tuple[Any, ...], value: Any) -> dict:
+    """A copy of `tree` with `path` replaced (copies only the dicts along the path)."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    return {**tree, head: set_path(tree[head], rest, value)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityEngine:
+    config: SparsityConfig
+    method: Method
+    layers: tuple[SparseLayer, ...]
+
+    @classmethod
+    def build(cls, config: SparsityConfig, abstract_structure: Any,
+              total_steps: int) -> SparsityEngine | None:
+        """None when sparsity is off. `abstract_structure`: the pure-dict structure tree
+        (shapes suffice); its 'mask' leaves say which layers are masked."""
+        if not config.enabled:
+            return None
+        rules = layer_rules(config)
+        paths = _find_masks(abstract_structure)
+        if not paths:
+            raise ConfigError("sparsity.rules mark no linear layer 'sparse'; check the regexes "
+                              "against names like 'layers/0/mlp/up'")
+        shapes = {_name(p): tuple(get_path(abstract_structure, p)["mask"].shape) for p in paths}
+        values = {name: rules.lookup(name, "dense") for name in shapes}
+        units = {name: _units(config, name, shape) for name, shape in shapes.items()}
+        free = {name: shapes[name] for name, value in values.items() if value == "sparse"}
+        if config.pattern == "nm":
+            if len(free) != len(shapes):
+                raise ConfigError("sparsity.rules: explicit densities do not apply to pattern "
+                                  "'nm' (every N:M layer has density n/m); use 'sparse'")
+            densities = {name: config.n / config.m for name in free}
+        elif config.distribution == "erk" and free:
+            densities = erk_densities(free, config.density)
+        else:
+            densities = {name: config.density for name in free}
+        densities.update({name: float(v) for name, v in values.items() if v != "sparse"})
+        keep = counts_for(densities, units)
+        if config.pattern == "nm":
+            keep = {name: units[name] * config.n // config.m for name in shapes}
+        layers = tuple(SparseLayer(_name(p), p, shapes[_name(p)], densities[_name(p)],
+                                   units[_name(p)], keep[_name(p)]) for p in paths)
+        return cls(config, build_method(config, total_steps), layers)
+
+    # ------------------------------------------------------------------ step functions
+
+    def init(self, params: Any, structure: Any, key: jax.Array) -> tuple[Any, Any]:
+        for i, layer in enumerate(self.layers):
+            kernel = get_path(params, layer.path)["kernel"]
+            mask = self.method.init(layer, kernel, jax.random.fold_in(key, i))
+            structure = set_path(structure, layer.path + ("mask",), mask)
+            if self.method.hard:
+                params = set_path(params, layer.path + ("kernel",),
+                                  kernel * mask.astype(kernel.dtype))
+        return params, self.prepare(jnp.zeros((), jnp.int32), structure)
+
+    def prepare(self, t: jax.Array, structure: Any) -> Any:
+        scale = self.method.pruned_scale(t)
+        for layer in self.layers:
+            structure = set_path(structure, layer.path + ("pruned_scale",), scale)
+        return structure
+
+    def optimizer_grads(self, t: jax.Array, grads: Any, params: Any, structure: Any) -> Any:
+        for layer in self.layers:
+            path = layer.path + ("kernel",)
+            grad = self.method.optimizer_grad(t, get_path(params, path),
+                                              get_path(structure, layer.path + ("mask",)),
+                                              get_path(grads, path))
+            grads = set_path(grads, path, grad)
+        return grads
+
+    def update(self, t: jax.Array, params: Any, structure: Any, opt_state: Any, grads: Any,
+               key: jax.Array) -> tuple[Any, Any, Any]:
+        """Runs the method's mask update when due (else only re-applies hard masks)."""
+
+        def change(operands: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
+            params, structure, opt_state = operands
+            reset = jax.tree.map(lambda _: jnp.zeros((), bool), params)
+            for i, layer in enumerate(self.layers):
+                kernel = get_path(params, layer.path)["kernel"]
+                old = get_path(structure, layer.path)["mask"]
+                new = self.method.update(t, layer, kernel, old,
+                                         get_path(grads, layer.path)["kernel"],
+                                         jax.random.fold_in(key, i))
+                structure = set_path(structure, layer.path + ("mask",), new)
+                if self.method.hard:
+                    # regrown weights (new but not old) restart from zero, like pruned ones
+                    kernel = jnp.where(new & old, kernel, jnp.zeros_like(kernel))
+                    params = set_path(params, layer.path + ("kernel",), kernel)
+                    reset = set_path(reset, layer.path + ("kernel",), new != old)
+            if self.method.hard:
+                opt_state = zero_moments(opt_state, params, reset)
+            return params, structure, opt_state
+
+        params, structure, opt_state = jax.lax.cond(
+            self.method.due(t), change, lambda operands: operands,
+            (params, structure, opt_state))
+        if self.method.hard:  # exact zeros whatever the optimizer does (cheap, elementwise)
+            for layer in self.layers:
+                kernel = get_path(params, layer.path)["kernel"]
+                mask = get_path(structure, layer.path)["mask"]
+                params = set_path(params, layer.path + ("kernel",),
+                                  kernel * mask.astype(kernel.dtype))
+        return params, structure, opt_state
+
+    # ------------------------------------------------------------------ accounting
+
+    def nonzero_counts(self, structure: Any) -> dict[str, jax.Array]:
+        return {layer.name: jnp.sum(get_path(structure, layer.path)["mask"], dtype=jnp.int32)
+                for layer in self.layers}
+
+    @property
+    def masked_size(self) -> int:
+        return sum(math.prod(layer.shape) for layer in self.layers)
+
+    @property
+    def dense_weight_gradient(self) -> bool:
+        """STE methods need the full weight gradient; hard methods only at kept weights."""
+        return not self.method.hard
+
+
+def zero_moments(opt_state: Any, params: Any, reset: Any) -> Any:
+    """Zeroes, in every params-shaped part of any optax state (Adam's mu and nu, SGD's trace,
+    ...), the entries where `reset` (a params-shaped tree of bools or scalar False) is True."""
+    params_def = jax.tree.structure(params)
+
+    def is_params_like(node: Any) -> bool:
+        return jax.tree.structure(node) == params_def
+
+    def clear(node: Any) -> Any:
+        if not is_params_like(node):
+            return node
+        return jax.tree.map(
+            lambda leaf, r: jnp.where(r, jnp.zeros_like(leaf), leaf)
+            if hasattr(leaf, "shape") and jnp.shape(r) in ((), leaf.shape) else leaf,
+            node, reset)
+
+    return jax.tree.map(clear, opt_state, is_leaf=is_params_like)
+
+
+def _name(path: tuple[Any, ...]) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def _units(config: SparsityConfig, name: str, shape: tuple[int, ...]) -> int:
+    d_in, d_out = shape
+    if config.pattern == "block":
+        b = config.block
+        if d_in % b or d_out % b:
+            raise ConfigError(f"sparsity.block {b} does not divide layer '{name}' of shape "
+                              f"{d_in}x{d_out}; choose a block that divides both dimensions or "
+                              f"mark the layer dense in sparsity.rules")
+        return (d_in // b) * (d_out // b)
+    if config.pattern == "nm" and d_in % config.m:
+        raise ConfigError(f"sparsity.m {config.m} does not divide the input dimension {d_in} of "
+                          f"layer '{name}'; choose another m or mark the layer dense")
+    return d_in * d_out
