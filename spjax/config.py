@@ -2,7 +2,8 @@
 
 Every section is a frozen dataclass. `load_config(path, overrides)` reads the YAML, expands
 model presets (`model: 60m` or `model: {preset: 60m, vocab_size: 32000}` read
-`configs/models/60m.yaml`), applies overrides in order, and builds the dataclasses. Unknown
+`configs/models/60m.yaml`; likewise `sparsity: rigl` reads `configs/methods/rigl.yaml`),
+applies overrides in order, and builds the dataclasses. Unknown
 keys, ill-typed values and out-of-range values raise `ConfigError` naming the dotted key.
 """
 
@@ -168,13 +169,13 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_yaml(Path(path), "config file")
-    raw = _expand_model_preset(raw)
+    raw = _expand_presets(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. train.steps=100)")
         _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
-        raw = _expand_model_preset(raw)
+        raw = _expand_presets(raw)
     config = from_dict(Config, raw)
     config.validate()
     return config
@@ -287,26 +288,39 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def model_preset(name: str) -> dict[str, Any]:
-    """The dict of configs/models/NAME.yaml, or of a YAML path."""
+# Sections that accept a preset name: `model: 60m` reads configs/models/60m.yaml and
+# `sparsity: rigl` reads configs/methods/rigl.yaml; `{preset: NAME, ...}` adds overrides.
+PRESET_DIRS = {"model": "models", "sparsity": "methods"}
+
+
+def section_preset(section: str, name: str) -> dict[str, Any]:
+    """The dict of configs/<dir>/NAME.yaml for `section`, or of a YAML path."""
+    folder = CONFIGS_DIR / PRESET_DIRS[section]
     path = Path(name)
     if path.suffix not in (".yaml", ".yml"):
-        path = CONFIGS_DIR / "models" / f"{name}.yaml"
+        path = folder / f"{name}.yaml"
     if not path.is_file():
-        available = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.yaml"))
-        raise ConfigError(f"model preset '{name}' not found; available: {', '.join(available)}")
-    preset = _read_yaml(path, "model preset")
-    preset.setdefault("name", path.stem)
+        available = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ConfigError(f"{section} preset '{name}' not found; available: "
+                          f"{', '.join(available)}")
+    preset = _read_yaml(path, f"{section} preset")
+    if section == "model":
+        preset.setdefault("name", path.stem)
     return preset
 
 
-def _expand_model_preset(raw: dict[str, Any]) -> dict[str, Any]:
-    model = raw.get("model")
-    if isinstance(model, str):
-        raw = {**raw, "model": model_preset(model)}
-    elif isinstance(model, dict) and "preset" in model:
-        rest = {k: v for k, v in model.items() if k != "preset"}
-        raw = {**raw, "model": {**model_preset(str(model["preset"])), **rest}}
+def model_preset(name: str) -> dict[str, Any]:
+    return section_preset("model", name)
+
+
+def _expand_presets(raw: dict[str, Any]) -> dict[str, Any]:
+    for section in PRESET_DIRS:
+        value = raw.get(section)
+        if isinstance(value, str):
+            raw = {**raw, section: section_preset(section, value)}
+        elif isinstance(value, dict) and "preset" in value:
+            rest = {k: v for k, v in value.items() if k != "preset"}
+            raw = {**raw, section: {**section_preset(section, str(value["preset"])), **rest}}
     return raw
 
 
@@ -317,8 +331,8 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
-        elif isinstance(child, str) and i == 0 and part == "model":
-            child = node[part] = model_preset(child)
+        elif isinstance(child, str) and i == 0 and part in PRESET_DIRS:
+            child = node[part] = section_preset(part, child)
         elif not isinstance(child, dict):
             raise ConfigError(f"override '{key}': '{'.'.join(parts[:i + 1])}' is not a section")
         node = child
