@@ -129,3 +129,18 @@ def test_schedules():
     assert schedules.structure_decay_patterns(1, 8, "geometric") == [(8, 64), (4, 32), (2, 16),
                                                                     (1, 8)]
     assert schedules.structure_decay_patterns(2, 4, "stepwise") == [(3, 4), (2, 4)]
+
+
+@pytest.mark.parametrize("m", [4, 8, 16, 32, 64])
+def test_nm_mask_matches_a_stable_sort_even_with_ties(m):
+    """Both rank strategies (pairwise for small m, sort for large) equal a stable sort."""
+    key = jax.random.key(m)
+    scores = jnp.round(jax.random.normal(key, (4 * m, 12)) * 2) / 2  # many exact ties
+    n = m // 4
+    groups = np.asarray(scores).reshape(4, m, 12)
+    expected = np.zeros_like(groups, bool)
+    for g in range(4):
+        for o in range(12):
+            order = np.argsort(-groups[g, :, o], kind="stable")
+            expected[g, order[:n], o] = True
+    np.testing.assert_array_equal(np.asarray(nm_mask(scores, n, m)), expected.reshape(4 * m, 12))

@@ -42,11 +42,24 @@ def rank_mask(scores: jax.Array, k: jax.Array | int) -> jax.Array:
 
 
 def nm_mask(scores_IxO: jax.Array, n: int, m: int) -> jax.Array:
-    """Keeps the n highest of every m consecutive scores along the input (first) dimension."""
+    """Keeps the n highest of every m consecutive scores along the input (first) dimension.
+
+    Ties go to the lower index, as with a stable sort. For small m the rank of each entry is
+    counted by pairwise comparison (m compares per weight, one fused elementwise pass), which
+    is much cheaper than sorting when STE methods recompute the mask at every step.
+    """
     d_in, d_out = scores_IxO.shape
     groups_GxMxO = scores_IxO.reshape(d_in // m, m, d_out)
-    order = jnp.argsort(-groups_GxMxO, axis=1, stable=True)
-    ranks = jnp.argsort(order, axis=1, stable=True)  # rank of each entry within its group
+    if m <= 16:
+        mine = groups_GxMxO[:, :, None, :]  # [G, M(i), 1, O]
+        other = groups_GxMxO[:, None, :, :]  # [G, 1, M(j), O]
+        index = jnp.arange(m)
+        earlier = (index[None, :] < index[:, None])[None, :, :, None]  # j < i
+        beats = (other > mine) | ((other == mine) & earlier)
+        ranks = beats.sum(axis=2)
+    else:
+        order = jnp.argsort(-groups_GxMxO, axis=1, stable=True)
+        ranks = jnp.argsort(order, axis=1, stable=True)  # rank of each entry in its group
     return (ranks < n).reshape(d_in, d_out)
 
 
