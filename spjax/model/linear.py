@@ -1,9 +1,11 @@
-"""The one `Linear` factory every projection in the model is built through.
+"""Dense and masked linear layers, and the surface every weight structure shares.
 
-The transformer asks the factory for "a linear named `layers/3/mlp/up` from d_in to d_out whose
-axes are (embed, mlp)"; the factory picks the weight *structure* (dense today; masked,
-low-rank, sparse-plus-low-rank later) from config. Every structure is an nnx.Module with the
-same surface, so the transformer never changes when a structure is added:
+The transformer asks the factory (model/structures.py) for "a linear named `layers/3/mlp/up`
+from d_in to d_out whose axes are (embed, mlp)"; the factory picks the weight *structure*
+(dense, masked, low-rank, sparse-plus-low-rank, ...) from `assign(name)`, a `LinearSpec`. Every
+structure is an nnx.Module built as `cls(d_in, d_out, *, axes, init_std, param_dtype,
+compute_dtype, out_dtype, rngs, spec)` with the same surface, so the transformer never changes
+when a structure is added:
 
     __call__(x_BxTxI) -> y_BxTxO     products in `compute_dtype`, fp32 accumulation, `out_dtype` out
     effective_kernel() -> W_IxO      the dense weight the structure represents (tests, export)
@@ -32,6 +34,9 @@ class LinearSpec:
     """The structure one linear layer gets (decided per layer name by rules)."""
 
     structure: str = "dense"  # a key of STRUCTURES
+    rank: int = 0  # low-rank structures: r
+    alpha: float = 0.0  # low-rank structures with a scale: W = (alpha / r) A B
+    density: float = 0.0  # SLTrain: density delta of the random sparse support; LOST: channels
 
 
 def normal_init(std: float) -> Callable:
@@ -43,7 +48,7 @@ class DenseLinear(nnx.Module):
 
     def __init__(self, d_in: int, d_out: int, *, axes: Axes, init_std: float,
                  param_dtype: jnp.dtype, compute_dtype: jnp.dtype, out_dtype: jnp.dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, spec: LinearSpec = LinearSpec()):
         self.compute_dtype = compute_dtype
         self.out_dtype = out_dtype
         self.kernel = nnx.Param(
@@ -73,7 +78,7 @@ class MaskedLinear(DenseLinear):
 
     def __init__(self, d_in: int, d_out: int, *, axes: Axes, init_std: float,
                  param_dtype: jnp.dtype, compute_dtype: jnp.dtype, out_dtype: jnp.dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, spec: LinearSpec = LinearSpec()):
         super().__init__(d_in, d_out, axes=axes, init_std=init_std, param_dtype=param_dtype,
                          compute_dtype=compute_dtype, out_dtype=out_dtype, rngs=rngs)
         self.mask = SparsityMask(jnp.ones((d_in, d_out), bool), axes=axes)
@@ -83,29 +88,3 @@ class MaskedLinear(DenseLinear):
         kernel = self.kernel[...]
         keep = jnp.where(self.mask[...], 1.0, self.pruned_scale[...]).astype(kernel.dtype)
         return kernel + jax.lax.stop_gradient(kernel * keep - kernel)
-
-
-# LinearSpec.structure -> module class
-STRUCTURES: dict[str, type[nnx.Module]] = {"dense": DenseLinear, "masked": MaskedLinear}
-
-
-def dense_everywhere(name: str) -> LinearSpec:
-    del name
-    return LinearSpec()
-
-
-@dataclasses.dataclass(frozen=True)
-class LinearFactory:
-    """Builds each named linear layer with the structure `assign(name)` gives it."""
-
-    assign: Callable[[str], LinearSpec]
-    init_std: float
-    param_dtype: jnp.dtype
-    compute_dtype: jnp.dtype
-
-    def __call__(self, name: str, d_in: int, d_out: int, axes: Axes, rngs: nnx.Rngs,
-                 out_dtype: jnp.dtype | None = None) -> nnx.Module:
-        cls = STRUCTURES[self.assign(name).structure]
-        return cls(d_in, d_out, axes=axes, init_std=self.init_std, param_dtype=self.param_dtype,
-                   compute_dtype=self.compute_dtype, out_dtype=out_dtype or self.compute_dtype,
-                   rngs=rngs)

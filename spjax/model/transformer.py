@@ -19,7 +19,8 @@ from flax import nnx
 
 from spjax import parallel
 from spjax.config import ModelConfig
-from spjax.model.linear import LinearFactory, LinearSpec, dense_everywhere, normal_init
+from spjax.model.linear import LinearSpec, normal_init
+from spjax.model.structures import LinearFactory, dense_everywhere
 
 ACTIVATION_AXES = ("batch", "seq", "act_embed")
 

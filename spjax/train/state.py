@@ -26,7 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from spjax import parallel
 from spjax.config import Config, ModelConfig
-from spjax.model.linear import LinearSpec, dense_everywhere
+from spjax.model.linear import LinearSpec
+from spjax.model.structures import dense_everywhere
 from spjax.model.transformer import Transformer
 from spjax.rules import Rules
 from spjax.sparsity.accounting import Accounting

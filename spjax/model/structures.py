@@ -1,0 +1,41 @@
+"""The registry of weight structures and the one `LinearFactory` built on it.
+
+Every linear layer of the model is built here: `assign(name)` (from the sparsity and
+low-rank rules) gives its `LinearSpec`, whose `structure` names a class of STRUCTURES.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax.numpy as jnp
+from flax import nnx
+
+from spjax.model.linear import Axes, DenseLinear, LinearSpec, MaskedLinear
+
+# LinearSpec.structure -> module class
+STRUCTURES: dict[str, type[nnx.Module]] = {"dense": DenseLinear, "masked": MaskedLinear}
+
+
+def dense_everywhere(name: str) -> LinearSpec:
+    del name
+    return LinearSpec()
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearFactory:
+    """Builds each named linear layer with the structure `assign(name)` gives it."""
+
+    assign: Callable[[str], LinearSpec]
+    init_std: float
+    param_dtype: jnp.dtype
+    compute_dtype: jnp.dtype
+
+    def __call__(self, name: str, d_in: int, d_out: int, axes: Axes, rngs: nnx.Rngs,
+                 out_dtype: jnp.dtype | None = None) -> nnx.Module:
+        spec = self.assign(name)
+        cls = STRUCTURES[spec.structure]
+        return cls(d_in, d_out, axes=axes, init_std=self.init_std, param_dtype=self.param_dtype,
+                   compute_dtype=self.compute_dtype, out_dtype=out_dtype or self.compute_dtype,
+                   rngs=rngs, spec=spec)
