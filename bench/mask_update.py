@@ -54,7 +54,7 @@ def median_ms(fn, reps: int) -> float:
 
 def due_steps(program: Program) -> tuple[int | None, int]:
     """(a step index whose update is due, the method's update period)."""
-    engine = program.engine
+    engine = program.sparsity
     if engine is None:
         return None, 1
     for t in range(1, 200_000):

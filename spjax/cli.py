@@ -16,9 +16,12 @@ from spjax.errors import SpjaxError
 
 def _train(args: argparse.Namespace) -> int:
     from spjax.config import load_config
-    from spjax.train.loop import TrainingInterrupted, train
+    from spjax.train.loop import TrainingInterrupted, dry_run, train
 
     config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        dry_run(config)
+        return 0
     try:
         train(config)
     except TrainingInterrupted as e:
@@ -47,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted overrides, e.g. run_dir=runs/a train.steps=100 model=60m")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print parameter and optimizer memory per structure, then exit")
     train.set_defaults(run=_train)
 
     prep = commands.add_parser("prepare-data", help="tokenize text into training shards")
@@ -65,7 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come on either side of options (`train C.yaml --dry-run a=1 b=2`):
+    # argparse stops collecting positionals at the first option, so gather the rest here.
+    args, rest = parser.parse_known_args(argv)
+    stray = [item for item in rest if item.startswith("-") or "=" not in item]
+    if stray or (rest and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     # Quiet TensorFlow-style C++ logs from XLA unless the user asked for them.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:

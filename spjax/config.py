@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from spjax.errors import ConfigError
+from spjax.lowrank.config import LowRankConfig
 from spjax.sparsity.config import SparsityConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -154,11 +155,15 @@ class Config:
     train: TrainConfig = TrainConfig()
     parallel: ParallelConfig = ParallelConfig()
     sparsity: SparsityConfig = SparsityConfig()
+    lowrank: LowRankConfig = LowRankConfig()
 
     def validate(self) -> None:
         for section in (self.model, self.data, self.optimizer, self.train, self.parallel,
-                        self.sparsity):
+                        self.sparsity, self.lowrank):
             section.validate()
+        if self.lowrank.method == "galore" and self.sparsity.enabled:
+            raise ConfigError("lowrank.method 'galore' projects dense gradients and cannot be "
+                              "combined with sparsity.method; use one of them")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -288,9 +293,10 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-# Sections that accept a preset name: `model: 60m` reads configs/models/60m.yaml and
-# `sparsity: rigl` reads configs/methods/rigl.yaml; `{preset: NAME, ...}` adds overrides.
-PRESET_DIRS = {"model": "models", "sparsity": "methods"}
+# Sections that accept a preset name: `model: 60m` reads configs/models/60m.yaml,
+# `sparsity: rigl` reads configs/methods/rigl.yaml, `lowrank: sltrain` reads
+# configs/lowrank/sltrain.yaml; `{preset: NAME, ...}` adds overrides.
+PRESET_DIRS = {"model": "models", "sparsity": "methods", "lowrank": "lowrank"}
 
 
 def section_preset(section: str, name: str) -> dict[str, Any]:

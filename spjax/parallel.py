@@ -85,17 +85,28 @@ def variable_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> Any:
 
 
 def like_params_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
-    """Shardings for an optimizer-state-like tree: every subtree shaped like `params` gets the
-    parameters' shardings (Adam's mu and nu, any optax state); everything else is replicated."""
+    """Shardings for an optimizer-state-like tree: every subtree shaped like `params` (Adam's mu
+    and nu, any optax state) follows the parameters' shardings. A leaf whose shape differs from
+    its parameter's (GaLore's projected moments and projectors) keeps the parameter's split on
+    each dimension of unchanged size and is replicated on the others; the rest is replicated."""
     params_def = jax.tree.structure(params)
     replicated = NamedSharding(mesh, P())
 
     def is_params_like(node: Any) -> bool:
         return jax.tree.structure(node) == params_def
 
+    def follow(leaf: Any, param: Any, sharding: NamedSharding) -> NamedSharding:
+        if leaf.shape == param.shape:
+            return sharding
+        if len(leaf.shape) != len(param.shape):
+            return replicated
+        spec = [axis if a == b else None
+                for axis, a, b in zip(sharding.spec, leaf.shape, param.shape)]
+        return NamedSharding(mesh, P(*spec))
+
     def assign(node: Any) -> Any:
         if is_params_like(node):
-            return param_shardings
+            return jax.tree.map(follow, node, params, param_shardings)
         return jax.tree.map(lambda _: replicated, node)
 
     return jax.tree.map(assign, tree, is_leaf=is_params_like)

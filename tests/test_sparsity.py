@@ -16,7 +16,8 @@ import pytest
 from spjax import parallel
 from spjax.config import CONFIGS_DIR, load_config
 from spjax.errors import ConfigError
-from spjax.sparsity.engine import get_path, zero_moments
+from spjax.sparsity.engine import get_path
+from spjax.train.optimizer import zero_moments
 from spjax.sparsity.masks import is_nm_valid
 from spjax.train.state import Program, init_state, state_layout
 from spjax.train.step import make_train_step, token_losses
@@ -47,7 +48,7 @@ class Run:
                                  in_shardings=(self.layout.state, self.batch_sharding),
                                  out_shardings=(self.layout.state, None))
         self.rng = np.random.default_rng(seed)
-        self.layers = self.program.engine.layers
+        self.layers = self.program.sparsity.layers
 
     def step(self):
         tokens = self.rng.integers(0, 64, size=(8, 33), dtype=np.int32)
@@ -122,7 +123,7 @@ def test_gmp_follows_the_cubic_schedule_and_never_revives():
     steps = 40
     run = Run("sparsity.method=gmp", "sparsity.sparsity=0.75", "sparsity.gmp.update_every=5",
               steps=steps)
-    gradual = run.program.engine.method
+    gradual = run.program.sparsity.method
     assert (gradual.start, gradual.end) == (10, 30)
     layer = run.layers[0]
     pruned_before = np.zeros(layer.shape, bool)
@@ -234,7 +235,7 @@ def test_optimizer_gradients_per_method():
 
     def method(name, *extra):
         config = load_config(None, [*MODEL, f"sparsity.method={name}", *extra])
-        return Program.build(config).engine.method
+        return Program.build(config).sparsity.method
 
     np.testing.assert_array_equal(method("static").optimizer_grad(t, kernel, mask, grad),
                                   grad * mask)
@@ -253,7 +254,7 @@ def test_mdgf_forward_uses_the_decayed_pruned_weights_and_dense_gradients():
     for _ in range(3):
         run.step()
     layer = run.layers[0]
-    model = run.program.model_def.merge(run.state.params, run.program.engine.prepare(
+    model = run.program.model_def.merge(run.state.params, run.program.sparsity.prepare(
         run.state.step, run.state.structure))
     module = model
     for key in layer.path:
@@ -285,7 +286,7 @@ def test_accounting_tracks_nonzeros_and_their_average():
     steps = 40
     run = Run("sparsity.method=gmp", "sparsity.sparsity=0.75", "sparsity.gmp.update_every=5",
               steps=steps)
-    engine = run.program.engine
+    engine = run.program.sparsity
     masked = engine.masked_size
     total = run.program.model_def.param_count()
     history = []
@@ -353,7 +354,7 @@ def re_escape(text: str) -> str:
 
 def test_kept_weights_are_the_expected_fraction():
     run = Run("sparsity.method=static", "sparsity.sparsity=0.9", "sparsity.distribution=erk")
-    engine = run.program.engine
+    engine = run.program.sparsity
     kept = sum(layer.kept_weights for layer in engine.layers)
     assert abs(kept - 0.1 * engine.masked_size) <= len(engine.layers)
     assert math.isclose(kept / engine.masked_size, 0.1, rel_tol=1e-3)
@@ -394,4 +395,4 @@ def test_every_method_preset_builds_and_takes_steps(preset):
     for _ in range(2):
         _, metrics = run.step()
     assert np.isfinite(float(metrics["loss"]))
-    assert run.program.engine is not None and run.layers
+    assert run.program.sparsity is not None and run.layers

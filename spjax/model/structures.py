@@ -13,9 +13,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spjax.model.linear import Axes, DenseLinear, LinearSpec, MaskedLinear
+from spjax.model.lowrank import (LOSTLinear, LowRankLinear, ReLoRALinear, SLTrainLinear,
+                                 SSTLinear)
 
-# LinearSpec.structure -> module class
-STRUCTURES: dict[str, type[nnx.Module]] = {"dense": DenseLinear, "masked": MaskedLinear}
+# LinearSpec.structure -> module class (one class per name: accounting maps classes back)
+STRUCTURES: dict[str, type[nnx.Module]] = {
+    "dense": DenseLinear, "masked": MaskedLinear, "lowrank": LowRankLinear,
+    "sltrain": SLTrainLinear, "relora": ReLoRALinear, "lost": LOSTLinear, "sst": SSTLinear}
 
 
 def dense_everywhere(name: str) -> LinearSpec:

@@ -28,6 +28,7 @@ from spjax.rules import Rules
 from spjax.sparsity.config import SparsityConfig
 from spjax.sparsity.masks import counts_for, erk_densities
 from spjax.sparsity.methods import Method, SparseLayer, build_method
+from spjax.train.optimizer import zero_moments
 
 
 def layer_rules(config: SparsityConfig) -> Rules:
@@ -195,25 +196,6 @@ class SparsityEngine:
     def dense_weight_gradient(self) -> bool:
         """STE methods need the full weight gradient; hard methods only at kept weights."""
         return not self.method.hard
-
-
-def zero_moments(opt_state: Any, params: Any, reset: Any) -> Any:
-    """Zeroes, in every params-shaped part of any optax state (Adam's mu and nu, SGD's trace,
-    ...), the entries where `reset` (a params-shaped tree of bools or scalar False) is True."""
-    params_def = jax.tree.structure(params)
-
-    def is_params_like(node: Any) -> bool:
-        return jax.tree.structure(node) == params_def
-
-    def clear(node: Any) -> Any:
-        if not is_params_like(node):
-            return node
-        return jax.tree.map(
-            lambda leaf, r: jnp.where(r, jnp.zeros_like(leaf), leaf)
-            if hasattr(leaf, "shape") and jnp.shape(r) in ((), leaf.shape) else leaf,
-            node, reset)
-
-    return jax.tree.map(clear, opt_state, is_leaf=is_params_like)
 
 
 def _name(path: tuple[Any, ...]) -> str:

@@ -28,6 +28,7 @@ from spjax.data.pipeline import eval_batches, train_iterator
 from spjax.data.prepare import default_dataset, load_meta
 from spjax.errors import ConfigError, SpjaxError
 from spjax.train import flops as flops_lib
+from spjax.train.memory import format_report, memory_report
 from spjax.train.metrics import MetricsWriter
 from spjax.train.state import Program, TrainState, init_state, state_layout
 from spjax.train.step import make_eval_step, make_train_step
@@ -54,6 +55,19 @@ def resolve_config(config: Config) -> tuple[Config, dict[str, Any]]:
         config, model=dataclasses.replace(config.model, vocab_size=vocab),
         data=dataclasses.replace(config.data, path=str(data_dir)))
     return config, meta
+
+
+def dry_run(config: Config) -> dict[str, Any]:
+    """Builds everything from shapes alone and prints the memory per structure; trains nothing."""
+    config, _ = resolve_config(config)
+    program = Program.build(config)
+    mesh = parallel.make_mesh(config.parallel)
+    layout = state_layout(program, mesh, parallel.sharding_rules(config.parallel))
+    report = memory_report(program.model_def, layout.abstract)
+    print(f"spjax: dry run of {config.model.name} (sparsity {config.sparsity.method}, lowrank "
+          f"{config.lowrank.method}), whole train state, before sharding over {mesh.size} "
+          f"device(s):\n{format_report(report)}", flush=True)
+    return report
 
 
 def checkpoint_meta(config: Config) -> dict[str, Any]:
@@ -140,8 +154,8 @@ def train(config: Config) -> dict[str, Any]:
               f"data {config.data.path} (unigram entropy "
               f"{data_meta.get('unigram_entropy_nats', float('nan')):.3f} nats); "
               f"compiled in {compile_s:.1f}s", flush=True)
-        if program.engine is not None:
-            engine = program.engine
+        if program.sparsity is not None:
+            engine = program.sparsity
             kept = sum(layer.kept_weights for layer in engine.layers)
             print(f"spjax: sparsity {config.sparsity.method} ({config.sparsity.pattern}, "
                   f"{config.sparsity.distribution}) on {len(engine.layers)} layers: finally "
@@ -241,6 +255,7 @@ def train(config: Config) -> dict[str, Any]:
         "devices": mesh.size,
         "device_kind": jax.devices()[0].device_kind,
         "layer_density": program.accounting.layer_densities(state.structure),
+        "memory": memory_report(program.model_def, layout.abstract),
     }
     if peak_total and summary["tokens_per_s"]:
         summary["mfu"] = summary["tokens_per_s"] * flops_per_token / peak_total

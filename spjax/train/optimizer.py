@@ -1,10 +1,13 @@
-"""AdamW with linear warm-up, cosine decay to a fraction of the peak, and global-norm clipping."""
+"""AdamW with linear warm-up, cosine decay to a fraction of the peak, and global-norm clipping;
+and `zero_moments`, which resets chosen entries of any optax state."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from spjax.config import OptimizerConfig
@@ -16,12 +19,25 @@ def warmup_steps(config: OptimizerConfig, total_steps: int) -> int:
     return max(1, total_steps // 10)
 
 
-def lr_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """0 -> peak linearly over the warm-up, then cosine to `min_lr_ratio` x peak at the end."""
-    return optax.warmup_cosine_decay_schedule(
+def lr_schedule(config: OptimizerConfig, total_steps: int,
+                factor: Callable[[jax.Array], jax.Array] | None = None) -> optax.Schedule:
+    """0 -> peak linearly over the warm-up, then cosine to `min_lr_ratio` x peak at the end;
+    times `factor(count)` when given (the jagged re-warm-ups of ReLoRA and refactorization)."""
+    base = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.lr, warmup_steps=warmup_steps(config, total_steps),
         decay_steps=max(total_steps, warmup_steps(config, total_steps) + 1),
         end_value=config.lr * config.min_lr_ratio)
+    if factor is None:
+        return base
+    return lambda count: base(count) * factor(count)
+
+
+@dataclasses.dataclass(frozen=True)
+class GaLoreSettings:
+    rank: int
+    update_every: int
+    scale: float
+    is_target: Callable[[tuple, jax.Array], bool]
 
 
 def decay_mask(params: Any) -> Any:
@@ -29,10 +45,42 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def build_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    schedule = lr_schedule(config, total_steps)
-    adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                        weight_decay=config.weight_decay, mask=decay_mask)
+def build_optimizer(config: OptimizerConfig, total_steps: int,
+                    lr_factor: Callable[[jax.Array], jax.Array] | None = None,
+                    galore: GaLoreSettings | None = None) -> optax.GradientTransformation:
+    """AdamW (or GaLore-projected Adam on its target matrices), decoupled weight decay,
+    the schedule, and clipping first."""
+    schedule = lr_schedule(config, total_steps, lr_factor)
+    if galore is None:
+        adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                            weight_decay=config.weight_decay, mask=decay_mask)
+    else:
+        from spjax.lowrank.galore import scale_by_galore
+
+        adamw = optax.chain(
+            scale_by_galore(galore.rank, galore.update_every, galore.scale, b1=config.b1,
+                            b2=config.b2, eps=config.eps, is_target=galore.is_target),
+            optax.add_decayed_weights(config.weight_decay, decay_mask),
+            optax.scale_by_learning_rate(schedule))
     if config.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
     return adamw
+
+
+def zero_moments(opt_state: Any, params: Any, reset: Any) -> Any:
+    """Zeroes, in every params-shaped part of any optax state (Adam's mu and nu, SGD's trace,
+    ...), the entries where `reset` (a params-shaped tree of bools or scalar False) is True."""
+    params_def = jax.tree.structure(params)
+
+    def is_params_like(node: Any) -> bool:
+        return jax.tree.structure(node) == params_def
+
+    def clear(node: Any) -> Any:
+        if not is_params_like(node):
+            return node
+        return jax.tree.map(
+            lambda leaf, r: jnp.where(r, jnp.zeros_like(leaf), leaf)
+            if hasattr(leaf, "shape") and jnp.shape(r) in ((), leaf.shape) else leaf,
+            node, reset)
+
+    return jax.tree.map(clear, opt_state, is_leaf=is_params_like)

@@ -32,7 +32,9 @@ from spjax.model.transformer import Transformer
 from spjax.rules import Rules
 from spjax.sparsity.accounting import Accounting
 from spjax.sparsity.engine import SparsityEngine, layer_assignment
-from spjax.train.optimizer import build_optimizer, lr_schedule
+from spjax.errors import ConfigError
+from spjax.lowrank.engine import LowRankEngine, galore_targets, lowrank_assignment
+from spjax.train.optimizer import GaLoreSettings, build_optimizer, lr_schedule
 
 
 @jax.tree_util.register_dataclass
@@ -80,19 +82,44 @@ class Program:
     model_def: ModelDef
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
-    engine: SparsityEngine | None
+    sparsity: SparsityEngine | None
+    lowrank: LowRankEngine | None
     accounting: Accounting
 
     @classmethod
     def build(cls, config: Config) -> Program:
-        model_def = ModelDef.build(config.model, layer_assignment(config.sparsity))
+        assign = combined_assignment(layer_assignment(config.sparsity),
+                                     lowrank_assignment(config.lowrank, config.model))
+        model_def = ModelDef.build(config.model, assign)
         steps = config.train.steps
-        engine = SparsityEngine.build(config.sparsity,
-                                      nnx.to_pure_dict(model_def.abstract_structure), steps)
+        sparsity = SparsityEngine.build(config.sparsity,
+                                        nnx.to_pure_dict(model_def.abstract_structure), steps)
+        lowrank = LowRankEngine.build(config.lowrank, config.model,
+                                      nnx.to_pure_dict(model_def.abstract_params), steps)
         accounting = Accounting.build(config.model, config.data.seq_len,
-                                      model_def.param_count(), engine)
-        return cls(model_def, build_optimizer(config.optimizer, steps),
-                   lr_schedule(config.optimizer, steps), engine, accounting)
+                                      model_def.param_count(), sparsity)
+        factor = lowrank.lr_factor if lowrank is not None else None
+        galore = None
+        if config.lowrank.method == "galore":
+            rank, _ = config.lowrank.resolved_rank_alpha(config.model.name, config.model.d_model)
+            galore = GaLoreSettings(rank, config.lowrank.galore.update_every,
+                                    config.lowrank.galore.scale, galore_targets(config.lowrank))
+        return cls(model_def, build_optimizer(config.optimizer, steps, factor, galore),
+                   lr_schedule(config.optimizer, steps, factor), sparsity, lowrank, accounting)
+
+
+def combined_assignment(*assigns: Callable[[str], LinearSpec]) -> Callable[[str], LinearSpec]:
+    """One structure per layer: the non-dense one among the rule sets; two is an error."""
+
+    def assign(name: str) -> LinearSpec:
+        specs = [spec for spec in (a(name) for a in assigns) if spec.structure != "dense"]
+        if len(specs) > 1:
+            raise ConfigError(f"layer '{name}' is both {specs[0].structure} and "
+                              f"{specs[1].structure} (sparsity.rules / lowrank.rules); mark it "
+                              f"dense in one of them")
+        return specs[0] if specs else LinearSpec()
+
+    return assign
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +137,8 @@ def _fresh_state(program: Program, seed: int) -> TrainState:
     _, params, structure = nnx.split(program.model_def.create(seed), nnx.Param, ...)
     params, structure = nnx.to_pure_dict(params), nnx.to_pure_dict(structure)
     key = jax.random.key(seed)
-    if program.engine is not None:
-        params, structure = program.engine.init(params, structure, jax.random.fold_in(key, 2))
+    if program.sparsity is not None:
+        params, structure = program.sparsity.init(params, structure, jax.random.fold_in(key, 2))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, structure=structure,
                       opt_state=program.optimizer.init(params),
                       rng=jax.random.key_data(jax.random.fold_in(key, 1)),
@@ -146,8 +173,8 @@ def init_state(program: Program, layout: StateLayout, seed: int) -> TrainState:
     params = jax.device_put(nnx.to_pure_dict(params), layout.state.params)
     structure = jax.device_put(nnx.to_pure_dict(structure), layout.state.structure)
     key = jax.random.key(seed)
-    if program.engine is not None:
-        init_masks = jax.jit(program.engine.init,
+    if program.sparsity is not None:
+        init_masks = jax.jit(program.sparsity.init,
                              out_shardings=(layout.state.params, layout.state.structure))
         with parallel.activate(layout.mesh, layout.rules):
             params, structure = init_masks(params, structure, jax.random.fold_in(key, 2))

@@ -32,30 +32,32 @@ def token_losses(model_def: ModelDef, params: Any, structure: Any, batch: Batch)
 
 def make_train_step(program: Program) -> Callable[[TrainState, Batch], tuple[TrainState,
                                                                               Metrics]]:
-    model_def, engine, accounting = program.model_def, program.engine, program.accounting
+    model_def, accounting = program.model_def, program.accounting
+    sparsity, lowrank = program.sparsity, program.lowrank
+    engines = [e for e in (sparsity, lowrank) if e is not None]
 
     def loss_fn(params: Any, structure: Any, batch: Batch) -> jax.Array:
         return jnp.mean(token_losses(model_def, params, structure, batch))
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         structure = state.structure
-        if engine is not None:
-            structure = engine.prepare(state.step, structure)
+        if sparsity is not None:
+            structure = sparsity.prepare(state.step, structure)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, structure, batch)
-        if engine is not None:
-            grads_for_optimizer = engine.optimizer_grads(state.step, grads, state.params,
-                                                         structure)
-        else:
-            grads_for_optimizer = grads
+        grads_for_optimizer = grads
+        for engine in engines:
+            grads_for_optimizer = engine.optimizer_grads(state.step, grads_for_optimizer,
+                                                         state.params, structure)
         updates, opt_state = program.optimizer.update(grads_for_optimizer, state.opt_state,
                                                       state.params)
         params = optax.apply_updates(state.params, updates)
         steps_done = state.step + 1
         counts, now = accounting.update_state(state.accounting, structure, steps_done)
-        if engine is not None:
-            key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        for i, engine in enumerate(engines):
             params, structure, opt_state = engine.update(steps_done, params, structure,
-                                                         opt_state, grads, key)
+                                                         opt_state, grads,
+                                                         jax.random.fold_in(key, i))
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads_for_optimizer),
                    "lr": program.schedule(state.step), **now,
                    "avg_nonzero_params": counts["avg_nonzero_params"]}
@@ -68,12 +70,12 @@ def make_train_step(program: Program) -> Callable[[TrainState, Batch], tuple[Tra
 
 def make_eval_step(program: Program) -> Callable[[TrainState, Batch], Metrics]:
     """Summed loss and token count, so batches of any size average exactly."""
-    model_def, engine = program.model_def, program.engine
+    model_def, sparsity = program.model_def, program.sparsity
 
     def eval_step(state: TrainState, batch: Batch) -> Metrics:
         structure = state.structure
-        if engine is not None:
-            structure = engine.prepare(state.step, structure)
+        if sparsity is not None:
+            structure = sparsity.prepare(state.step, structure)
         losses = token_losses(model_def, state.params, structure, batch)
         return {"loss_sum": jnp.sum(losses), "tokens": jnp.asarray(losses.size, jnp.float32)}
 
