@@ -49,3 +49,15 @@ def test_unknown_command_and_missing_arguments_exit_with_usage(capsys):
     with pytest.raises(SystemExit):
         main(["prepare-data", "x"])
     assert "--out" in capsys.readouterr().err
+
+
+def test_dry_run_prints_memory_per_structure_and_trains_nothing(tmp_path, capsys):
+    from spjax.config import CONFIGS_DIR
+
+    run_dir = tmp_path / "run"
+    code = main(["train", str(CONFIGS_DIR / "tiny.yaml"), "--dry-run", "lowrank=sltrain",
+                 "lowrank.rank=16", f"run_dir={run_dir}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "sltrain" in out and "optimizer MiB" in out and "total" in out
+    assert not run_dir.exists()

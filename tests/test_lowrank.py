@@ -8,7 +8,9 @@ import pytest
 
 from spjax import parallel
 from spjax.checkpoint import Checkpointer
-from spjax.config import load_config
+from flax import nnx
+
+from spjax.config import CONFIGS_DIR, load_config
 from spjax.errors import ConfigError
 from spjax.sparsity.engine import get_path
 from spjax.train.memory import memory_report
@@ -235,3 +237,15 @@ def test_loss_falls_for_every_structure(name):
     last = float(jnp.mean(token_losses(run.program.model_def, run.state.params,
                                        run.state.structure, batch)))
     assert last < first - 0.1
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONFIGS_DIR / "lowrank").glob("*.yaml")))
+def test_every_low_rank_preset_builds(preset):
+    config = load_config(None, ["model=60m", f"lowrank={preset}"])
+    program = Program.build(config)
+    structures = {type(m).__name__ for _, m in nnx.iter_graph(
+        nnx.eval_shape(lambda: program.model_def.create(0)))}
+    if config.lowrank.method == "galore":
+        assert "DenseLinear" in structures and program.lowrank is None
+    else:
+        assert any(config.lowrank.method.lower() in name.lower() for name in structures)
