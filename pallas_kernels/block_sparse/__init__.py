@@ -1,0 +1,13 @@
+"""Block-sparse matmul Y = X W_s with W_s block-sparse (b x b tiles), all three products.
+
+    reference.py   plain jnp, the truth
+    layout.py      block tables (column table, transposed row table) built from a block mask
+    kernel.py      Pallas kernels (Triton lowering; interpret mode on CPU)
+    api.py         `block_sparse_matmul` with a custom VJP and an `implementation=` switch
+    bench.py       GPU benchmark against XLA dense in the same run
+"""
+
+from pallas_kernels.block_sparse.api import block_sparse_matmul
+from pallas_kernels.block_sparse.layout import BlockLayout, build_layout
+
+__all__ = ["BlockLayout", "block_sparse_matmul", "build_layout"]

@@ -1,0 +1,119 @@
+"""Pallas kernels for the three products of a block-sparse linear layer.
+
+All three use the Triton lowering (`pl.pallas_call`), which runs on any NVIDIA GPU and, with
+`interpret=True`, on CPU. X, W and dY are passed whole (refs into global memory) and sliced
+with `pl.ds`: a block spec over all of K would not fit in shared memory. Each program reads its
+tile list from the layout's int32 tables and loops over the non-zero tiles only, accumulating
+in fp32; zero tiles cost nothing but their table entries.
+
+  forward       grid (T/bt, N/b):  Y[i, j]  = sum_{k in col_table[j]} X[i, k] W[k, j]
+  input grad    grid (T/bt, K/b):  dX[i, k] = sum_{j in row_table[k]} dY[i, j] W[k, j]^T
+  weight grad   grid (K/b, N/b):   dW[k, j] = sum_t X[t, k]^T dY[t, j] if tile (k, j) is kept,
+                                   else 0 (every output tile is written)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+_NT = (((1,), (1,)), ((), ()))  # contract the last dims: A B^T
+_TN = (((0,), (0,)), ((), ()))  # contract the first dims: A^T B
+
+
+def _tile(index: jax.Array, size: int) -> pl.Slice:
+    return pl.ds(pl.multiple_of(index * size, size), size)
+
+
+def _forward_kernel(col_table_ref, col_count_ref, x_ref, w_ref, y_ref, *, block, block_t):
+    i, j = pl.program_id(0), pl.program_id(1)
+    rows, cols = _tile(i, block_t), _tile(j, block)
+
+    def body(c, acc):
+        ks = _tile(col_table_ref[j, c], block)
+        return acc + jnp.dot(x_ref[rows, ks], w_ref[ks, cols],
+                             preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, col_count_ref[j], body,
+                            jnp.zeros((block_t, block), jnp.float32))
+    y_ref[...] = acc.astype(y_ref.dtype)
+
+
+def _input_grad_kernel(row_table_ref, row_count_ref, dy_ref, w_ref, dx_ref, *, block, block_t):
+    i, k = pl.program_id(0), pl.program_id(1)
+    rows, ks = _tile(i, block_t), _tile(k, block)
+
+    def body(c, acc):
+        cols = _tile(row_table_ref[k, c], block)
+        return acc + jax.lax.dot_general(dy_ref[rows, cols], w_ref[ks, cols], _NT,
+                                         preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, row_count_ref[k], body,
+                            jnp.zeros((block_t, block), jnp.float32))
+    dx_ref[...] = acc.astype(dx_ref.dtype)
+
+
+def _weight_grad_kernel(block_mask_ref, x_ref, dy_ref, dw_ref, *, block, block_t, chunks):
+    k, j = pl.program_id(0), pl.program_id(1)
+    ks, cols = _tile(k, block), _tile(j, block)
+
+    def body(t, acc):
+        rows = _tile(t, block_t)
+        return acc + jax.lax.dot_general(x_ref[rows, ks], dy_ref[rows, cols], _TN,
+                                         preferred_element_type=jnp.float32)
+
+    n = jnp.where(block_mask_ref[k, j] != 0, chunks, 0)  # pruned tiles: no work, zeros out
+    acc = jax.lax.fori_loop(0, n, body, jnp.zeros((block, block), jnp.float32))
+    dw_ref[...] = acc.astype(dw_ref.dtype)
+
+
+def _whole() -> pl.BlockSpec:
+    return pl.no_block_spec
+
+
+def _params(num_warps: int, num_stages: int) -> pltriton.CompilerParams:
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def forward(x_TxK, w_KxN, col_table, col_count, *, block, block_t, interpret, num_warps=4,
+            num_stages=3):
+    t, _ = x_TxK.shape
+    n = w_KxN.shape[1]
+    kernel = functools.partial(_forward_kernel, block=block, block_t=block_t)
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((t, n), x_TxK.dtype),
+        grid=(t // block_t, n // block), in_specs=[_whole()] * 4,
+        out_specs=pl.BlockSpec((block_t, block), lambda i, j: (i, j)),
+        interpret=interpret, compiler_params=_params(num_warps, num_stages),
+        name="block_sparse_forward")(col_table, col_count, x_TxK, w_KxN)
+
+
+def input_grad(dy_TxN, w_KxN, row_table, row_count, *, block, block_t, interpret, num_warps=4,
+               num_stages=3):
+    t, _ = dy_TxN.shape
+    k = w_KxN.shape[0]
+    kernel = functools.partial(_input_grad_kernel, block=block, block_t=block_t)
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((t, k), dy_TxN.dtype),
+        grid=(t // block_t, k // block), in_specs=[_whole()] * 4,
+        out_specs=pl.BlockSpec((block_t, block), lambda i, j: (i, j)),
+        interpret=interpret, compiler_params=_params(num_warps, num_stages),
+        name="block_sparse_input_grad")(row_table, row_count, dy_TxN, w_KxN)
+
+
+def weight_grad(x_TxK, dy_TxN, block_mask, *, block, block_t, interpret, out_dtype,
+                num_warps=4, num_stages=3):
+    t, k = x_TxK.shape
+    n = dy_TxN.shape[1]
+    kernel = functools.partial(_weight_grad_kernel, block=block, block_t=block_t,
+                               chunks=t // block_t)
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((k, n), out_dtype),
+        grid=(k // block, n // block), in_specs=[_whole()] * 3,
+        out_specs=pl.BlockSpec((block, block), lambda i, j: (i, j)),
+        interpret=interpret, compiler_params=_params(num_warps, num_stages),
+        name="block_sparse_weight_grad")(block_mask, x_TxK, dy_TxN)

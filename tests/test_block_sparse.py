@@ -1,0 +1,143 @@
+"""Block-sparse matmul: every implementation against jax.grad of the plain-jnp reference, on
+fresh random data and masks, several shapes and densities (empty tile rows and columns,
+all-dense, all-empty), every output element written (interpret mode leaves unwritten
+outputs NaN), and clear errors for bad input.
+
+The GPU variant (implementation="pallas") is marked `gpu` and runs on the GPU machine.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.block_sparse import block_sparse_matmul, build_layout
+from pallas_kernels.block_sparse import reference
+from pallas_kernels.block_sparse.api import BlockSparseError
+
+CASES = [  # (T, K, N, block, density, special)
+    (64, 128, 128, 32, 0.5, None),
+    (96, 128, 192, 32, 0.3, None),  # T not a multiple of the row tile: padded
+    (128, 256, 128, 64, 0.25, "empty_rows_and_cols"),
+    (64, 128, 256, 64, 1.0, None),  # fully dense mask
+    (64, 128, 128, 32, 0.0, None),  # everything pruned
+    (32, 64, 64, 16, 0.6, None),
+]
+
+
+def _inputs(t, k, n, block, density, special, dtype, seed):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(keys[0], (t, k), jnp.float32).astype(dtype)
+    w = (0.1 * jax.random.normal(keys[1], (k, n), jnp.float32)).astype(dtype)
+    mask = jax.random.uniform(keys[2], (k // block, n // block)) < density
+    if special == "empty_rows_and_cols":
+        mask = mask.at[1, :].set(False).at[:, 0].set(False).at[0, 1].set(True)
+    dy = jax.random.normal(keys[3], (t, n), jnp.float32).astype(dtype)
+    return x, w, mask, dy
+
+
+def _reference_grads(x, w, mask, dy, block):
+    """jax.grad (through jax.vjp) of the plain masked matmul, in float32."""
+    def f(x, w):
+        return jnp.dot(x, w * reference.expand(mask, block, w.dtype))
+
+    y, vjp = jax.vjp(f, x.astype(jnp.float32), w.astype(jnp.float32))
+    dx, dw = vjp(dy.astype(jnp.float32))
+    return y, dx, dw
+
+
+def _relative_error(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-b{c[3]}-d{c[4]}")
+def test_all_three_products_match_the_reference(implementation, case):
+    t, k, n, block, density, special = case
+    x, w, mask, dy = _inputs(t, k, n, block, density, special, jnp.float32, seed=sum(case[:4]))
+    layout = build_layout(mask)
+
+    def f(x, w):
+        return block_sparse_matmul(x, w, layout, block=block, implementation=implementation,
+                                   block_t=32)
+
+    y, vjp = jax.vjp(f, x, w)
+    dx, dw = vjp(dy)
+    y_ref, dx_ref, dw_ref = _reference_grads(x, w, mask, dy, block)
+    for ours, ref in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):
+        assert not np.any(np.isnan(np.asarray(ours)))  # every output element written
+        if np.any(np.asarray(ref) != 0):
+            assert _relative_error(ours, ref) < 1e-5
+        else:
+            np.testing.assert_array_equal(np.asarray(ours), 0.0)
+    pruned = ~np.asarray(reference.expand(mask, block, jnp.float32), bool)
+    assert np.all(np.asarray(dw)[pruned] == 0.0)  # no gradient reaches pruned tiles
+
+
+@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+def test_bf16_inputs_accumulate_in_fp32(implementation):
+    t, k, n, block = 64, 256, 128, 32
+    x, w, mask, dy = _inputs(t, k, n, block, 0.5, None, jnp.bfloat16, seed=7)
+    layout = build_layout(mask)
+    y, vjp = jax.vjp(lambda x, w: block_sparse_matmul(x, w, layout, block=block,
+                                                      implementation=implementation,
+                                                      block_t=32), x, w)
+    dx, dw = vjp(dy)
+    assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+    y_ref, dx_ref, dw_ref = _reference_grads(x, w, mask, dy, block)
+    for ours, ref in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):
+        assert _relative_error(ours, ref) < 1e-2  # bf16 rounding of the output only
+
+
+def test_leading_dimensions_are_flattened_and_restored():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 64))
+    w = jax.random.normal(jax.random.key(1), (64, 64))
+    mask = jnp.array([[True, False], [False, True]])
+    y = block_sparse_matmul(x, w, build_layout(mask), block=32, implementation="interpret",
+                            block_t=16)
+    assert y.shape == (2, 3, 64)
+    np.testing.assert_allclose(y.reshape(6, 64), reference.matmul(x.reshape(6, 64), w, mask, 32),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_layout_tables_list_the_kept_tiles_in_order():
+    mask = jnp.array([[1, 0, 1], [0, 0, 0], [1, 1, 0], [0, 0, 1]], bool)
+    layout = build_layout(mask)
+    np.testing.assert_array_equal(layout.col_count, [2, 1, 2])
+    np.testing.assert_array_equal(layout.col_table[0, :2], [0, 2])
+    np.testing.assert_array_equal(layout.col_table[2, :2], [0, 3])
+    np.testing.assert_array_equal(layout.row_count, [2, 0, 2, 1])
+    np.testing.assert_array_equal(layout.row_table[2, :2], [0, 1])
+    np.testing.assert_array_equal(layout.row_table[3, :1], [2])
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda x, w, m: (x, w, build_layout(m[:1]), 32), "layout mask has shape"),
+    (lambda x, w, m: (x, w, build_layout(m), 48), "does not divide"),
+    (lambda x, w, m: (x.astype(jnp.int32), w, build_layout(m), 32), "dtype"),
+    (lambda x, w, m: (x[:, :32], w, build_layout(m), 32), "do not multiply"),
+])
+def test_bad_input_is_a_clear_error(make, needle):
+    x = jnp.ones((32, 64))
+    w = jnp.ones((64, 64))
+    mask = jnp.ones((2, 2), bool)
+    x, w, layout, block = make(x, w, mask)
+    with pytest.raises(BlockSparseError, match=needle):
+        block_sparse_matmul(x, w, layout, block=block, implementation="interpret")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("density", [0.1, 0.25, 0.5, 1.0])
+def test_gpu_pallas_matches_the_reference(block, density):
+    t, k, n = 1024, 1024, 2048
+    x, w, mask, dy = _inputs(t, k, n, block, density, None, jnp.bfloat16, seed=block)
+    layout = build_layout(mask)
+    y, vjp = jax.vjp(lambda x, w: block_sparse_matmul(x, w, layout, block=block,
+                                                      implementation="pallas"), x, w)
+    dx, dw = vjp(dy)
+    y_ref, dx_ref, dw_ref = _reference_grads(x, w, mask, dy, block)
+    for ours, ref in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):
+        assert not np.any(np.isnan(np.asarray(ours, np.float32)))
+        assert _relative_error(ours, ref) < 1e-2
