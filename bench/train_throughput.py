@@ -107,6 +107,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", default="", help="also write the rows to this file")
     parser.add_argument("--profile", default="", help="trace the last preset into this dir")
+    parser.add_argument("--variants", default="",
+                        help="';'-separated override sets run for every preset, the first the "
+                             "baseline of the ratio column, e.g. 'model.d_ff=2816;model.d_ff="
+                             "2816 sparsity.method=static sparsity.pattern=block'")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.remat=dots")
     args = parser.parse_args()
 
@@ -118,21 +122,27 @@ def main() -> None:
     baseline = matmul_baseline()
     print(f"device: {device.device_kind}; jax {jax.__version__}; "
           f"baseline XLA bf16 matmul 8192^3: {baseline or 0:.0f} TFLOP/s", flush=True)
+    variants = [v.split() for v in args.variants.split(";")] if args.variants else [[]]
     rows = []
     for i, (preset, batch) in enumerate(zip(presets, batches)):
-        profile = args.profile if i == len(presets) - 1 else ""
-        row = bench_preset(preset, args.seq_len, batch, args.steps, args.overrides, profile)
-        row["mfu"] = row["tflops"] * 1e12 / peak if peak else None
-        row["vs_matmul"] = row["tflops"] / baseline if baseline else None
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print(f"\n| preset | params | seq x batch | step ms | tokens/s | TFLOP/s | MFU | "
-          f"vs matmul {baseline or 0:.0f} | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+        for j, variant in enumerate(variants):
+            last = i == len(presets) - 1 and j == len(variants) - 1
+            row = bench_preset(preset, args.seq_len, batch, args.steps,
+                               [*args.overrides, *variant], args.profile if last else "")
+            row["variant"] = " ".join(variant)
+            row["mfu"] = row["tflops"] * 1e12 / peak if peak else None
+            row["vs_matmul"] = row["tflops"] / baseline if baseline else None
+            row["vs_first_variant"] = row["tokens_per_s"] / rows[-j]["tokens_per_s"] if j else 1.0
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n| preset | variant | params | seq x batch | step ms | tokens/s | tokens/s vs first "
+          f"variant | TFLOP/s (dense count) | MFU | vs matmul {baseline or 0:.0f} | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
-        print(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['seq_len']} x {r['batch']} | "
-              f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | {mfu} | "
+        print(f"| {r['preset']} | {r['variant'] or '-'} | {r['params'] / 1e6:.1f}M | "
+              f"{r['seq_len']} x {r['batch']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['vs_first_variant']:.2f}x | {r['tflops']:.0f} | {mfu} | "
               f"{100 * (r['vs_matmul'] or 0):.0f}% | {r['peak_gib']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -37,6 +37,8 @@ class LinearSpec:
     rank: int = 0  # low-rank structures: r
     alpha: float = 0.0  # low-rank structures with a scale: W = (alpha / r) A B
     density: float = 0.0  # SLTrain: density delta of the random sparse support; LOST: channels
+    block: int = 0  # block-sparse kernels: tile size b
+    kernel: str = ""  # block-sparse kernels: "xla" | "pallas" | "interpret"
 
 
 def normal_init(std: float) -> Callable:

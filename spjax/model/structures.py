@@ -12,13 +12,15 @@ from typing import Callable
 import jax.numpy as jnp
 from flax import nnx
 
+from spjax.model.blocksparse import BlockSparseLinear
 from spjax.model.linear import Axes, DenseLinear, LinearSpec, MaskedLinear
 from spjax.model.lowrank import (LOSTLinear, LowRankLinear, ReLoRALinear, SLTrainLinear,
                                  SSTLinear)
 
 # LinearSpec.structure -> module class (one class per name: accounting maps classes back)
 STRUCTURES: dict[str, type[nnx.Module]] = {
-    "dense": DenseLinear, "masked": MaskedLinear, "lowrank": LowRankLinear,
+    "dense": DenseLinear, "masked": MaskedLinear, "blocksparse": BlockSparseLinear,
+    "lowrank": LowRankLinear,
     "sltrain": SLTrainLinear, "relora": ReLoRALinear, "lost": LOSTLinear, "sst": SSTLinear}
 
 

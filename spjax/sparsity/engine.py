@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from spjax.errors import ConfigError
+from spjax.model.blocksparse import tables_for
 from spjax.model.linear import LinearSpec
 from spjax.rules import Rules
 from spjax.sparsity.config import SparsityConfig
@@ -40,11 +41,17 @@ def layer_assignment(config: SparsityConfig) -> Callable[[str], LinearSpec]:
     if not config.enabled:
         return lambda name: LinearSpec()
     rules = layer_rules(config)
+    sparse = LinearSpec("masked")
+    if config.pattern == "block" and config.kernel != "none":
+        kernel = config.kernel
+        if kernel == "auto":
+            kernel = "pallas" if jax.default_backend() == "gpu" else "xla"
+        sparse = LinearSpec("blocksparse", block=config.block, kernel=kernel)
 
     def assign(name: str) -> LinearSpec:
         value = rules.lookup(name, "dense")
         _check_rule_value(name, value)
-        return LinearSpec("dense" if value == "dense" else "masked")
+        return LinearSpec() if value == "dense" else sparse
 
     return assign
 
@@ -127,16 +134,30 @@ class SparsityEngine:
         for i, layer in enumerate(self.layers):
             kernel = get_path(params, layer.path)["kernel"]
             mask = self.method.init(layer, kernel, jax.random.fold_in(key, i))
-            structure = set_path(structure, layer.path + ("mask",), mask)
+            structure = self._set_mask(structure, layer, mask)
             if self.method.hard:
                 params = set_path(params, layer.path + ("kernel",),
                                   kernel * mask.astype(kernel.dtype))
         return params, self.prepare(jnp.zeros((), jnp.int32), structure)
 
+    def _set_mask(self, structure: Any, layer: SparseLayer, mask: jax.Array) -> Any:
+        """Sets a layer's mask, and the block tables of kernel-backed layers with it (their
+        only rebuild: tables change exactly when masks do)."""
+        structure = set_path(structure, layer.path + ("mask",), mask)
+        if "tables" in get_path(structure, layer.path):
+            tables = tables_for(mask, self.config.block)
+            structure = set_path(structure, layer.path + ("tables",), tables)
+        return structure
+
     def prepare(self, t: jax.Array, structure: Any) -> Any:
+        """Per-step forward settings: MDGF's pruned-weight factor, and the dense-gradient flag
+        of kernel-backed layers on the steps whose update reads dense gradients (RigL)."""
         scale = self.method.pruned_scale(t)
+        dense_grad = self.method.needs_dense_grad(t + 1)
         for layer in self.layers:
             structure = set_path(structure, layer.path + ("pruned_scale",), scale)
+            if "dense_grad" in get_path(structure, layer.path):
+                structure = set_path(structure, layer.path + ("dense_grad",), dense_grad)
         return structure
 
     def optimizer_grads(self, t: jax.Array, grads: Any, params: Any, structure: Any) -> Any:
@@ -161,7 +182,7 @@ class SparsityEngine:
                 new = self.method.update(t, layer, kernel, old,
                                          get_path(grads, layer.path)["kernel"],
                                          jax.random.fold_in(key, i))
-                structure = set_path(structure, layer.path + ("mask",), new)
+                structure = self._set_mask(structure, layer, new)
                 if self.method.hard:
                     # regrown weights (new but not old) restart from zero, like pruned ones
                     kernel = jnp.where(new & old, kernel, jnp.zeros_like(kernel))

@@ -95,6 +95,10 @@ class Method:
     def pruned_scale(self, t: jax.Array) -> jax.Array:
         return jnp.zeros((), jnp.float32)
 
+    def needs_dense_grad(self, t: jax.Array) -> jax.Array:
+        """Whether the update after step t reads the dense gradient (RigL's regrowth)."""
+        return jnp.asarray(False)
+
 
 class Static(Method):
     """Random mask fixed from initialization (SPDF's sparse pre-training, random pruning)."""
@@ -176,6 +180,9 @@ class Dynamic(Method):
 
     def due(self, t):
         return self.period.due(t)
+
+    def needs_dense_grad(self, t):
+        return self.due(t) if self.regrow == "gradient" else jnp.asarray(False)
 
     def update(self, t, layer, kernel, mask, grad, key):
         drop_key, grow_key = jax.random.split(key)

@@ -1,0 +1,69 @@
+"""Block-sparse linear layer on the Pallas kernels (pallas_kernels/block_sparse).
+
+Like `MaskedLinear` (same kernel and weight-level mask, which the sparsity methods update), plus
+the block tables the kernels read (`BlockTable` variables, rebuilt by the sparsity engine only
+when the mask changes). All three products skip pruned tiles, so the weight gradient is
+already zero there: exactly the masked gradient of hard-mask methods.
+
+RigL needs the *dense* weight gradient on the steps it regrows. On those steps the sparsity
+engine sets `dense_grad`, and the layer takes the straight-through dense path of
+`MaskedLinear` instead (a `lax.cond`: one step in `update_every` runs dense).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels.block_sparse import block_sparse_matmul
+from pallas_kernels.block_sparse.layout import BlockLayout, block_mask_of, build_layout
+from spjax.errors import ConfigError
+from spjax.model.linear import Axes, LinearSpec, MaskedLinear
+
+
+class BlockTable(nnx.Variable):
+    """int32 block metadata of a block-sparse layer (see pallas_kernels/block_sparse/layout)."""
+
+
+class DenseGradFlag(nnx.Variable):
+    """bool scalar: take the dense straight-through path this step (RigL's regrowth steps)."""
+
+
+class BlockSparseLinear(MaskedLinear):
+    def __init__(self, d_in: int, d_out: int, *, axes: Axes, init_std: float,
+                 param_dtype: jnp.dtype, compute_dtype: jnp.dtype, out_dtype: jnp.dtype,
+                 rngs: nnx.Rngs, spec: LinearSpec = LinearSpec()):
+        super().__init__(d_in, d_out, axes=axes, init_std=init_std, param_dtype=param_dtype,
+                         compute_dtype=compute_dtype, out_dtype=out_dtype, rngs=rngs)
+        b = spec.block
+        if b <= 0 or d_in % b or d_out % b:
+            raise ConfigError(f"sparsity.block {b} does not divide a {d_in}x{d_out} layer; "
+                              f"choose a block that divides both dimensions")
+        self.block = b
+        self.implementation = spec.kernel
+        layout = build_layout(jnp.ones((d_in // b, d_out // b), bool))
+        self.tables = nnx.Dict({name: BlockTable(value, axes=(None,) * value.ndim)
+                                for name, value in vars(layout).items()})
+        self.dense_grad = DenseGradFlag(jnp.zeros((), bool), axes=())
+
+    def layout(self) -> BlockLayout:
+        return BlockLayout(**{name: table[...] for name, table in self.tables.items()})
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.compute_dtype
+
+        def sparse(x):
+            w = self.kernel[...].astype(c)
+            return block_sparse_matmul(x.astype(c), w, self.layout(), block=self.block,
+                                       implementation=self.implementation)
+
+        def dense(x):
+            return MaskedLinear.__call__(self, x).astype(c)
+
+        return jax.lax.cond(self.dense_grad[...], dense, sparse, x).astype(self.out_dtype)
+
+
+def tables_for(mask_KxN: jax.Array, block: int) -> dict[str, jax.Array]:
+    """The block tables of a weight-level mask (the engine's rebuild after a mask update)."""
+    return dict(vars(build_layout(block_mask_of(mask_KxN, block))))
