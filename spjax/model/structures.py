@@ -12,6 +12,7 @@ from typing import Callable
 import jax.numpy as jnp
 from flax import nnx
 
+from spjax.errors import ConfigError
 from spjax.model.blocksparse import BlockSparseLinear
 from spjax.model.linear import Axes, DenseLinear, LinearSpec, MaskedLinear
 from spjax.model.lowrank import (LOSTLinear, LowRankLinear, ReLoRALinear, SLTrainLinear,
@@ -42,6 +43,9 @@ class LinearFactory:
                  out_dtype: jnp.dtype | None = None) -> nnx.Module:
         spec = self.assign(name)
         cls = STRUCTURES[spec.structure]
-        return cls(d_in, d_out, axes=axes, init_std=self.init_std, param_dtype=self.param_dtype,
-                   compute_dtype=self.compute_dtype, out_dtype=out_dtype or self.compute_dtype,
-                   rngs=rngs, spec=spec)
+        try:
+            return cls(d_in, d_out, axes=axes, init_std=self.init_std,
+                       param_dtype=self.param_dtype, compute_dtype=self.compute_dtype,
+                       out_dtype=out_dtype or self.compute_dtype, rngs=rngs, spec=spec)
+        except ConfigError as e:  # structures cannot know their layer's name: add it
+            raise ConfigError(f"layer '{name}': {str(e).splitlines()[0]}") from None

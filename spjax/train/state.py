@@ -61,7 +61,10 @@ class ModelDef:
     @classmethod
     def build(cls, config: ModelConfig,
               assign: Callable[[str], LinearSpec] = dense_everywhere) -> ModelDef:
-        abstract = nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0), assign))
+        try:
+            abstract = nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0), assign))
+        except ConfigError as e:  # raised inside a JAX transformation, which appends a note
+            raise ConfigError(str(e).splitlines()[0]) from None
         graphdef, params, structure = nnx.split(abstract, nnx.Param, ...)
         return cls(config, assign, graphdef, params, structure)
 
