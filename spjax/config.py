@@ -125,10 +125,13 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
 
 
-# Logical axis -> mesh axis (None: replicated). First matching regex wins.
+# Logical axis -> mesh axis (None: replicated). First matching regex wins. Mesh axes of
+# size 1 are dropped, so these rules serve every mesh shape.
 DEFAULT_SHARDING_RULES: RuleList = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),  # tokens: every data-like axis (EP reuses DP ranks)
     ("embed", "fsdp"),  # FSDP: every matrix is split along its model dimension
+    ("(heads|mlp|vocab)", "tensor"),  # tensor parallelism: Megatron-style column/row splits
+    ("experts", "expert"),  # expert parallelism: each expert lives on one expert shard
     (".*", None),
 )
 
@@ -137,13 +140,16 @@ DEFAULT_SHARDING_RULES: RuleList = (
 class ParallelConfig:
     data: int = -1  # -1: all devices not used by the other axes
     fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
     rules: RuleList = DEFAULT_SHARDING_RULES
 
     def validate(self) -> None:
         if self.data == 0 or self.data < -1:
             raise ConfigError(f"parallel.data must be >= 1 or -1 (fill), got {self.data}")
-        if self.fsdp <= 0:
-            raise ConfigError(f"parallel.fsdp must be >= 1, got {self.fsdp}")
+        for key in ("fsdp", "tensor", "expert"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(self, key)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """Device mesh, logical-axis sharding rules, and activation constraints.
 
-Mesh axes are named (data, fsdp). Every model variable carries logical axis names in its
-`axes` metadata (e.g. a kernel is ("embed", "mlp")); the ordered rules of
-`parallel.rules` (rules.py) map each logical name to mesh axes. With the defaults, matrices are
-split along `embed` over `fsdp` (ZeRO-3 style: XLA all-gathers them for the matmul) and the
-batch is split over data x fsdp. Optimizer moments get exactly their parameter's sharding.
+Mesh axes are named (data, fsdp, expert, tensor), tensor innermost (the fastest links). Every
+model variable carries logical axis names in its `axes` metadata (e.g. a kernel is
+("embed", "mlp")); the ordered rules of `parallel.rules` (rules.py) map each logical name to
+mesh axes. With the defaults, matrices are split along `embed` over `fsdp` (ZeRO-3 style: XLA
+all-gathers them for the matmul), along heads/mlp/vocab over `tensor` (Megatron-style), experts
+over `expert`, and the batch over data x fsdp x expert. Optimizer moments get exactly their
+parameter's sharding.
 
 Axis types are chosen here, once: Auto, so XLA's partitioner propagates shardings through
 the model and only the boundaries (state, batch, block activations) are pinned.
@@ -26,7 +28,7 @@ from spjax.config import ParallelConfig
 from spjax.errors import ConfigError
 from spjax.rules import Rules
 
-MESH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
     "spjax_active_mesh", default=None)
@@ -35,14 +37,16 @@ _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.Context
 def make_mesh(config: ParallelConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
-    fsdp = config.fsdp
-    data = config.data if config.data != -1 else n // fsdp
-    if data < 1 or data * fsdp != n:
+    others = config.fsdp * config.expert * config.tensor
+    data = config.data if config.data != -1 else n // others
+    if data < 1 or data * others != n:
         raise ConfigError(
-            f"parallel.data ({config.data}) x parallel.fsdp ({fsdp}) must use all {n} devices; "
-            f"set parallel.data=-1 to fill, or choose sizes whose product is {n}")
+            f"parallel.data ({config.data}) x fsdp ({config.fsdp}) x expert ({config.expert}) x "
+            f"tensor ({config.tensor}) must use all {n} devices; set parallel.data=-1 to fill, "
+            f"or choose sizes whose product is {n}")
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=axis_types, devices=devices)
+    shape = (data, config.fsdp, config.expert, config.tensor)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def sharding_rules(config: ParallelConfig) -> Rules:

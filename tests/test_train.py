@@ -96,10 +96,12 @@ def test_weight_decay_skips_norm_scales_and_clipping_bounds_the_update():
     assert float(optax.tree.norm(clipped)) == pytest.approx(1.0, rel=1e-5)
 
 
-def _run_steps(dataset: Path, data: int, fsdp: int, batches: list[dict], n_devices: int):
+def _run_steps(dataset: Path, data: int, fsdp: int, tensor: int, batches: list[dict],
+               n_devices: int):
     config = load_config(None, [*SMALL_MODEL, "model.vocab_size=257", "train.steps=100",
                                 "model.compute_dtype=float32", f"parallel.data={data}",
-                                f"parallel.fsdp={fsdp}", "optimizer.warmup_steps=1"])
+                                f"parallel.fsdp={fsdp}", f"parallel.tensor={tensor}",
+                                "optimizer.warmup_steps=1"])
     mesh = parallel.make_mesh(config.parallel, jax.devices()[:n_devices])
     rules = parallel.sharding_rules(config.parallel)
     program = Program.build(config)
@@ -117,20 +119,22 @@ def _run_steps(dataset: Path, data: int, fsdp: int, batches: list[dict], n_devic
     return losses, state
 
 
-@pytest.mark.parametrize("data, fsdp", [(1, 8), (2, 4), (8, 1)])
-def test_sharded_training_equals_single_device_step_by_step(dataset, data, fsdp):
+@pytest.mark.parametrize("data, fsdp, tensor", [(1, 8, 1), (2, 4, 1), (8, 1, 1), (2, 2, 2),
+                                                (1, 2, 4)])
+def test_sharded_training_equals_single_device_step_by_step(dataset, data, fsdp, tensor):
     from spjax.data import train_iterator
 
     it = train_iterator(dataset, 64, 8, seed=0, process_index=0, process_count=1)
     batches = [next(it) for _ in range(4)]
-    single_losses, single = _run_steps(dataset, 1, 1, batches, 1)
-    losses, sharded = _run_steps(dataset, data, fsdp, batches, 8)
+    single_losses, single = _run_steps(dataset, 1, 1, 1, batches, 1)
+    losses, sharded = _run_steps(dataset, data, fsdp, tensor, batches, 8)
 
     kernel = sharded.params["layers"][0]["mlp"]["up"]["kernel"]
     mu = sharded.opt_state[1][0].mu["layers"][0]["mlp"]["up"]["kernel"]
+    expected = P("fsdp" if fsdp > 1 else None, "tensor" if tensor > 1 else None)
     for array in (kernel, mu):  # the parameter and its Adam moment, sharded by the rules
-        if fsdp > 1:
-            assert array.sharding.spec == P("fsdp", None)
+        if fsdp > 1 or tensor > 1:
+            assert array.sharding.spec == expected
         else:
             assert array.sharding.is_fully_replicated
     np.testing.assert_allclose(losses, single_losses, rtol=2e-6)

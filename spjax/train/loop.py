@@ -108,7 +108,7 @@ def train(config: Config) -> dict[str, Any]:
     shards = parallel.batch_divisor(mesh, rules)
     if config.data.batch_size % shards:
         raise ConfigError(f"data.batch_size ({config.data.batch_size}) must be divisible by the "
-                          f"{shards} batch shards of the mesh (parallel.data x parallel.fsdp)")
+                          f"{shards} batch shards of the mesh (parallel.data x fsdp x expert)")
     program = Program.build(config)
     total_steps = config.train.steps
     layout = state_layout(program, mesh, rules)
