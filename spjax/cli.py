@@ -15,10 +15,13 @@ from spjax.errors import SpjaxError
 
 
 def _train(args: argparse.Namespace) -> int:
+    from spjax import distributed
     from spjax.config import load_config
     from spjax.train.loop import TrainingInterrupted, dry_run, train
 
     config = load_config(args.config, args.overrides)
+    # Before anything touches devices: a multi-process run must see all processes' devices.
+    distributed.initialize()
     if args.dry_run:
         dry_run(config)
         return 0

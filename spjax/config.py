@@ -28,6 +28,41 @@ RuleList = tuple[tuple[str, Any], ...]
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts MLPs in layers first, first + every, ... (num_experts 0: none)."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    d_expert: int = 0  # 0: model.d_ff
+    every: int = 1
+    first: int = 0
+    shared_expert: bool = False  # a dense SwiGLU of width d_expert beside the experts
+    capacity_factor: float = 0.0  # 0: dropless; > 0: per-expert capacity, overflow dropped
+    aux_loss_coef: float = 0.01  # load balancing (Switch / GShard)
+    z_loss_coef: float = 1e-3  # router z-loss (ST-MoE)
+    grouped_gemm: Literal["auto", "ragged_dot", "pallas"] = "auto"
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.enabled and index >= self.first and (index - self.first) % self.every == 0
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"model.moe.top_k ({self.top_k}) must lie in [1, num_experts = "
+                              f"{self.num_experts}]")
+        if self.every < 1 or self.first < 0 or self.d_expert < 0:
+            raise ConfigError("model.moe.every must be >= 1, model.moe.first and d_expert >= 0")
+        if self.capacity_factor < 0:
+            raise ConfigError(f"model.moe.capacity_factor must be >= 0 (0: dropless), got "
+                              f"{self.capacity_factor}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny"
     vocab_size: int = 0  # 0: take the tokenizer's vocabulary size from the dataset
@@ -42,6 +77,7 @@ class ModelConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN on GPU, XLA elsewhere
     remat: Literal["none", "full", "dots"] = "none"  # activation checkpointing per block
+    moe: MoEConfig = MoEConfig()
 
     def validate(self) -> None:
         for key in ("d_model", "d_ff", "n_heads", "n_layers"):
@@ -55,6 +91,7 @@ class ModelConfig:
         if (self.d_model // self.n_heads) % 2:
             raise ConfigError(f"model.d_model / model.n_heads must be even for RoPE, got "
                               f"{self.d_model // self.n_heads}")
+        self.moe.validate()
 
     @property
     def head_dim(self) -> int:
@@ -167,6 +204,16 @@ class Config:
         for section in (self.model, self.data, self.optimizer, self.train, self.parallel,
                         self.sparsity, self.lowrank):
             section.validate()
+        experts = self.model.moe.num_experts
+        if experts and experts % self.parallel.expert:
+            raise ConfigError(f"model.moe.num_experts ({experts}) must be divisible by "
+                              f"parallel.expert ({self.parallel.expert})")
+        if self.model.moe.capacity_factor > 0 and self.parallel.expert > 1:
+            raise ConfigError("model.moe.capacity_factor routes per data shard; with "
+                              "parallel.expert > 1 use dropless routing (capacity_factor=0)")
+        if self.parallel.expert > 1 and not experts:
+            raise ConfigError("parallel.expert > 1 needs a mixture-of-experts model "
+                              "(model.moe.num_experts > 0)")
         if self.lowrank.method == "galore" and self.sparsity.enabled:
             raise ConfigError("lowrank.method 'galore' projects dense gradients and cannot be "
                               "combined with sparsity.method; use one of them")

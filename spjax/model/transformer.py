@@ -20,6 +20,7 @@ from flax import nnx
 from spjax import parallel
 from spjax.config import ModelConfig
 from spjax.model.linear import LinearSpec, normal_init
+from spjax.model.moe import MoE
 from spjax.model.structures import LinearFactory, dense_everywhere
 
 ACTIVATION_AXES = ("batch", "seq", "act_embed")
@@ -91,17 +92,26 @@ class SwiGLU(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, name: str, config: ModelConfig, linear: LinearFactory, rngs: nnx.Rngs):
+    def __init__(self, name: str, config: ModelConfig, linear: LinearFactory, rngs: nnx.Rngs,
+                 moe: bool = False):
         param_dtype = jnp.dtype(config.param_dtype)
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps, param_dtype)
         self.attn = Attention(f"{name}/attn", config, linear, rngs)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, param_dtype)
-        self.mlp = SwiGLU(f"{name}/mlp", config, linear, rngs)
+        self.is_moe = moe
+        self.mlp = MoE(config, rngs) if moe else SwiGLU(f"{name}/mlp", config, linear, rngs)
 
-    def __call__(self, x_BxTxD: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array) -> jax.Array:
+    def __call__(self, x_BxTxD: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(new residual stream, the MoE router losses of this block, or {})."""
         x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), cos_TxK, sin_TxK)
-        x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
-        return parallel.constrain(x_BxTxD, ACTIVATION_AXES)
+        aux: dict[str, jax.Array] = {}
+        if self.is_moe:
+            out, aux = self.mlp(self.mlp_norm(x_BxTxD))
+        else:
+            out = self.mlp(self.mlp_norm(x_BxTxD))
+        x_BxTxD = x_BxTxD + out
+        return parallel.constrain(x_BxTxD, ACTIVATION_AXES), aux
 
 
 _REMAT_POLICIES = {
@@ -124,29 +134,50 @@ class Transformer(nnx.Module):
             normal_init(config.init_std)(rngs.params(), (config.vocab_size, config.d_model),
                                          param_dtype), axes=("vocab", "embed"))
         self.layers = nnx.List(
-            [Block(f"layers/{i}", config, linear, rngs) for i in range(config.n_layers)])
+            [Block(f"layers/{i}", config, linear, rngs, moe=config.moe.is_moe_layer(i))
+             for i in range(config.n_layers)])
         self.final_norm = RMSNorm(config.d_model, config.norm_eps, param_dtype)
         self.lm_head = linear("lm_head", config.d_model, config.vocab_size, ("embed", "vocab"),
                               rngs, out_dtype=jnp.float32)
 
     def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
         """Token ids -> fp32 logits_BxTxV."""
+        return self.forward(tokens_BxT)[0]
+
+    def forward(self, tokens_BxT: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Token ids -> (fp32 logits_BxTxV, router losses averaged over MoE layers, or {})."""
         cos_TxK, sin_TxK = rope_tables(tokens_BxT.shape[1], self.config.head_dim,
                                        self.config.rope_theta)
         x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.compute_dtype)
         x_BxTxD = parallel.constrain(x_BxTxD, ACTIVATION_AXES)
 
-        def run_block(block: Block, x: jax.Array) -> jax.Array:
+        def run_block(block: Block, x: jax.Array):
             return block(x, cos_TxK, sin_TxK)
 
         if self.config.remat != "none":
             run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[self.config.remat])
+        aux_layers = []
         for block in self.layers:
-            x_BxTxD = run_block(block, x_BxTxD)
-        return self.lm_head(self.final_norm(x_BxTxD))
+            x_BxTxD, aux = run_block(block, x_BxTxD)
+            if aux:
+                aux_layers.append(aux)
+        aux = {key: sum(a[key] for a in aux_layers) / len(aux_layers)
+               for key in (aux_layers[0] if aux_layers else {})}
+        return self.lm_head(self.final_norm(x_BxTxD)), aux
 
 
 def closed_form_param_count(config: ModelConfig) -> int:
-    """Parameters of the dense model: per layer 4d^2 + 3df + 2d, plus 2Vd + d."""
+    """Parameters: per layer 4d^2 + 2d and an MLP of 3df (dense) or, for MoE layers,
+    E 3 d f_e + d E (router) [+ 3 d f_e shared]; plus 2Vd + d."""
     d, f, v, n = config.d_model, config.d_ff, config.vocab_size, config.n_layers
-    return n * (4 * d * d + 3 * d * f + 2 * d) + 2 * v * d + d
+    moe = config.moe
+    f_e = moe.d_expert or f
+    total = 2 * v * d + d
+    for i in range(n):
+        total += 4 * d * d + 2 * d
+        if moe.is_moe_layer(i):
+            total += moe.num_experts * 3 * d * f_e + d * moe.num_experts
+            total += 3 * d * f_e if moe.shared_expert else 0
+        else:
+            total += 3 * d * f
+    return total

@@ -24,8 +24,19 @@ PEAK_BF16_FLOPS = {
 
 
 def matmul_params(config: ModelConfig) -> int:
-    d, f, n = config.d_model, config.d_ff, config.n_layers
-    return n * (4 * d * d + 3 * d * f) + d * config.vocab_size  # + LM head
+    """Parameters one token multiplies by: attention, the MLP (for MoE layers the router and
+    the top-k experts it is routed to, plus the shared expert), and the LM head."""
+    d, f, moe = config.d_model, config.d_ff, config.moe
+    f_e = moe.d_expert or f
+    total = d * config.vocab_size  # LM head
+    for i in range(config.n_layers):
+        total += 4 * d * d
+        if moe.is_moe_layer(i):
+            total += d * moe.num_experts + moe.top_k * 3 * d * f_e
+            total += 3 * d * f_e if moe.shared_expert else 0
+        else:
+            total += 3 * d * f
+    return total
 
 
 def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:

@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from spjax import parallel
+from spjax import distributed, parallel
 from spjax.checkpoint import Checkpointer
 from spjax.config import Config, to_dict
 from spjax.data.pipeline import eval_batches, train_iterator
@@ -172,7 +172,7 @@ def train(config: Config) -> dict[str, Any]:
 
     def evaluate(s: TrainState) -> float:
         with parallel.activate(mesh, rules):
-            sums = [eval_step(s, b) for b in val_batches]
+            sums = distributed.fetch([eval_step(s, b) for b in val_batches])
         loss_sum = sum(float(m["loss_sum"]) for m in sums)
         return loss_sum / sum(float(m["tokens"]) for m in sums)
 
@@ -180,6 +180,7 @@ def train(config: Config) -> dict[str, Any]:
         checkpointer.save(step, s, data_iter, ckpt_meta)
 
     last: dict[str, Any] = {}
+    stopping = False
     pending: tuple[int, Any] | None = None
     interval_start, interval_steps = time.time(), 0
     step_times: list[float] = []
@@ -207,12 +208,15 @@ def train(config: Config) -> dict[str, Any]:
                     and step < total_steps:
                 val_loss = evaluate(state)
                 writer.write(step, {"val_loss": val_loss, "val_ppl": _ppl(val_loss)})
-                bar.write(f"step {step}: val_loss {val_loss:.4f} (ppl {_ppl(val_loss):.2f})")
+                if is_main:  # tqdm.write prints even where the bar is disabled
+                    bar.write(f"step {step}: val_loss {val_loss:.4f} (ppl {_ppl(val_loss):.2f})")
                 interval_start = time.time()
+            # Saves are collective: with several processes, all must stop at the same step.
+            stopping = distributed.stop_agreed(step, stop.signal is not None)
             if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) \
-                    or step == total_steps or stop.signal is not None:
+                    or step == total_steps or stopping:
                 save(state, step)
-            if stop.signal is not None:
+            if stopping:
                 break
             if step < total_steps:
                 batch = parallel.host_to_global(next(data_iter), batch_sharding)
@@ -223,15 +227,16 @@ def train(config: Config) -> dict[str, Any]:
         stop.restore()
         checkpointer.wait()
 
-    if stop.signal is not None and step < total_steps:
+    if stopping and step < total_steps:
         writer.close()
         checkpointer.close()
-        raise TrainingInterrupted(stop.signal, step, checkpointer.directory)
+        # A process may stop because another one was signalled.
+        raise TrainingInterrupted(stop.signal or signal.SIGTERM, step, checkpointer.directory)
 
     val_loss = evaluate(state)
     tokens_seen = step * tokens_per_step
-    accounting = jax.device_get(state.accounting)
-    now = jax.device_get(program.accounting.measure(state.structure))
+    accounting = distributed.fetch(state.accounting)
+    now = distributed.fetch(program.accounting.measure(state.structure))
     summary = {
         "model": config.model.name,
         "params": n_params,
@@ -273,7 +278,7 @@ def train(config: Config) -> dict[str, Any]:
 
 def _log(writer: MetricsWriter, bar: tqdm, step: int, metrics: dict[str, Any],
          last: dict[str, Any]) -> dict[str, Any]:
-    values = {k: float(v) for k, v in metrics.items()}
+    values = {k: float(v) for k, v in distributed.fetch(metrics).items()}
     writer.write(step, values)
     postfix = {"loss": f"{values['loss']:.3f}", "tok/s": f"{values['tokens_per_s']:,.0f}"}
     if "mfu" in values:

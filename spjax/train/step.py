@@ -26,8 +26,15 @@ Metrics = dict[str, jax.Array]
 
 def token_losses(model_def: ModelDef, params: Any, structure: Any, batch: Batch) -> jax.Array:
     """Per-token cross-entropy in fp32, shape [B, T]."""
-    logits_BxTxV = model_def.merge(params, structure)(batch["inputs"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+    return losses_and_aux(model_def, params, structure, batch)[0]
+
+
+def losses_and_aux(model_def: ModelDef, params: Any, structure: Any, batch: Batch
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(per-token cross-entropy [B, T], MoE router losses or {})."""
+    logits_BxTxV, aux = model_def.merge(params, structure).forward(batch["inputs"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
+    return ce, aux
 
 
 def make_train_step(program: Program) -> Callable[[TrainState, Batch], tuple[TrainState,
@@ -36,14 +43,22 @@ def make_train_step(program: Program) -> Callable[[TrainState, Batch], tuple[Tra
     sparsity, lowrank = program.sparsity, program.lowrank
     engines = [e for e in (sparsity, lowrank) if e is not None]
 
-    def loss_fn(params: Any, structure: Any, batch: Batch) -> jax.Array:
-        return jnp.mean(token_losses(model_def, params, structure, batch))
+    moe = model_def.config.moe
+
+    def loss_fn(params: Any, structure: Any, batch: Batch):
+        ce, aux = losses_and_aux(model_def, params, structure, batch)
+        ce = jnp.mean(ce)
+        total = ce
+        if aux:  # MoE: load-balancing and router z-loss, averaged over MoE layers
+            total = ce + moe.aux_loss_coef * aux["load_balance"] + moe.z_loss_coef * aux["z_loss"]
+        return total, {"loss": ce, **{f"moe_{k}": v for k, v in aux.items()}}
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         structure = state.structure
         if sparsity is not None:
             structure = sparsity.prepare(state.step, structure)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, structure, batch)
+        (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, structure,
+                                                                     batch)
         grads_for_optimizer = grads
         for engine in engines:
             grads_for_optimizer = engine.optimizer_grads(state.step, grads_for_optimizer,
@@ -58,7 +73,7 @@ def make_train_step(program: Program) -> Callable[[TrainState, Batch], tuple[Tra
             params, structure, opt_state = engine.update(steps_done, params, structure,
                                                          opt_state, grads,
                                                          jax.random.fold_in(key, i))
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads_for_optimizer),
+        metrics = {**parts, "grad_norm": optax.tree.norm(grads_for_optimizer),
                    "lr": program.schedule(state.step), **now,
                    "avg_nonzero_params": counts["avg_nonzero_params"]}
         new_state = TrainState(step=steps_done, params=params, structure=structure,
