@@ -7,7 +7,7 @@
     bench.py       GPU benchmark against XLA dense in the same run
 """
 
-from pallas_kernels.block_sparse.api import block_sparse_matmul
+from pallas_kernels.block_sparse.api import Tiling, Tilings, block_sparse_matmul
 from pallas_kernels.block_sparse.layout import BlockLayout, build_layout
 
-__all__ = ["BlockLayout", "block_sparse_matmul", "build_layout"]
+__all__ = ["BlockLayout", "Tiling", "Tilings", "block_sparse_matmul", "build_layout"]

@@ -31,25 +31,58 @@ class BlockSparseError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Tiling:
+    """One kernel's launch shape: `rows` of X per program (forward, input grad) or per loop
+    step (weight grad), and Triton's warps and software-pipeline stages."""
+    rows: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Tilings:
+    forward: Tiling = Tiling()
+    input_grad: Tiling = Tiling()
+    weight_grad: Tiling = Tiling()
+
+
+# Per block size, the fastest tiling of each kernel in `bench/block_sparse.py --sweep` on the
+# H200 (docs/BENCHMARKS.md). Other block sizes (CPU tests, interpret mode) take the defaults.
+TUNED_TILINGS: dict[int, Tilings] = {
+    128: Tilings(forward=Tiling(64, 4, 2), input_grad=Tiling(64, 4, 2),
+                 weight_grad=Tiling(64, 8, 4)),
+    # forward measured; the other two not yet swept at block 64 (the sweep ran out of time)
+    64: Tilings(forward=Tiling(128, 8, 2), input_grad=Tiling(128, 8, 2),
+                weight_grad=Tiling(64, 8, 4)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     block: int
     implementation: str
-    block_t: int
-    num_warps: int
-    num_stages: int
+    tilings: Tilings
 
 
 def block_sparse_matmul(x: jax.Array, w: jax.Array, layout: BlockLayout, *, block: int,
-                        implementation: str = "xla", block_t: int = 128, num_warps: int = 4,
-                        num_stages: int = 3) -> jax.Array:
-    _check(x, w, layout, block, implementation, block_t)
+                        implementation: str = "xla", tilings: Tilings | None = None,
+                        block_t: int | None = None) -> jax.Array:
+    """`tilings` defaults to TUNED_TILINGS[block]; `block_t` sets every kernel's row tile
+    (tests use small ones)."""
+    if tilings is None:
+        tilings = TUNED_TILINGS.get(block, Tilings())
+    if block_t is not None:
+        tilings = Tilings(*(dataclasses.replace(t, rows=block_t) for t in
+                            (tilings.forward, tilings.input_grad, tilings.weight_grad)))
+    _check(x, w, layout, block, implementation, tilings)
+    row_tile = max(tilings.forward.rows, tilings.input_grad.rows, tilings.weight_grad.rows)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     rows = x2.shape[0]
-    padded = -(-rows // block_t) * block_t
+    padded = -(-rows // row_tile) * row_tile  # powers of two: a multiple of every row tile
     if padded != rows:  # pad with zero rows; they contribute nothing to dW
         x2 = jnp.pad(x2, ((0, padded - rows), (0, 0)))
-    settings = Settings(block, implementation, block_t, num_warps, num_stages)
+    settings = Settings(block, implementation, tilings)
     y = _matmul(x2, w, layout, settings)
     return y[:rows].reshape(*lead, w.shape[1])
 
@@ -62,10 +95,11 @@ def _matmul(x, w, layout, settings):
 def _forward(x, w, layout, s):
     if s.implementation == "xla":
         return reference.matmul(x, w, layout.block_mask, s.block)
+    t = s.tilings.forward
     return kernel.forward(x, w.astype(x.dtype), layout.col_table, layout.col_count,
-                          block=s.block, block_t=s.block_t,
-                          interpret=s.implementation == "interpret", num_warps=s.num_warps,
-                          num_stages=s.num_stages)
+                          block=s.block, block_t=t.rows,
+                          interpret=s.implementation == "interpret", num_warps=t.num_warps,
+                          num_stages=t.num_stages)
 
 
 def _matmul_fwd(x, w, layout, settings):
@@ -79,12 +113,13 @@ def _matmul_bwd(s, residuals, dy):
         dw = reference.weight_grad(x, dy.astype(x.dtype), layout.block_mask, s.block)
     else:
         interpret = s.implementation == "interpret"
+        tx, tw = s.tilings.input_grad, s.tilings.weight_grad
         dx = kernel.input_grad(dy, w.astype(dy.dtype), layout.row_table, layout.row_count,
-                               block=s.block, block_t=s.block_t, interpret=interpret,
-                               num_warps=s.num_warps, num_stages=s.num_stages)
+                               block=s.block, block_t=tx.rows, interpret=interpret,
+                               num_warps=tx.num_warps, num_stages=tx.num_stages)
         dw = kernel.weight_grad(x, dy.astype(x.dtype), layout.block_mask, block=s.block,
-                                block_t=s.block_t, interpret=interpret, out_dtype=w.dtype,
-                                num_warps=s.num_warps, num_stages=s.num_stages)
+                                block_t=tw.rows, interpret=interpret, out_dtype=w.dtype,
+                                num_warps=tw.num_warps, num_stages=tw.num_stages)
     no_grad = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), layout)
     return dx.astype(x.dtype), dw.astype(w.dtype), no_grad
 
@@ -92,7 +127,7 @@ def _matmul_bwd(s, residuals, dy):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _check(x, w, layout, block, implementation, block_t) -> None:
+def _check(x, w, layout, block, implementation, tilings: Tilings) -> None:
     if implementation not in ("xla", "pallas", "interpret"):
         raise BlockSparseError(f"implementation must be 'xla', 'pallas' or 'interpret', got "
                                f"{implementation!r}")
@@ -111,5 +146,6 @@ def _check(x, w, layout, block, implementation, block_t) -> None:
         if a.dtype not in SUPPORTED_DTYPES:
             raise BlockSparseError(f"{name} has dtype {a.dtype}; supported: bfloat16, float16, "
                                    f"float32")
-    if block_t <= 0 or block_t & (block_t - 1):
-        raise BlockSparseError(f"block_t must be a power of two, got {block_t}")
+    for t in (tilings.forward, tilings.input_grad, tilings.weight_grad):
+        if t.rows <= 0 or t.rows & (t.rows - 1):
+            raise BlockSparseError(f"row tile (block_t) must be a power of two, got {t.rows}")

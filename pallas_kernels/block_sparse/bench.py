@@ -13,29 +13,19 @@ Prints speed-ups over XLA dense and the per-non-zero-block efficiency:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_sparse.api import block_sparse_matmul
+from pallas_kernels.block_sparse import kernel
+from pallas_kernels.block_sparse.api import TUNED_TILINGS, Tiling, Tilings, block_sparse_matmul
 from pallas_kernels.block_sparse.layout import build_layout
+from pallas_kernels.timing import median_seconds
 
 # "interpret" lets the script itself be checked on CPU with tiny shapes
 IMPLEMENTATION = "pallas" if jax.default_backend() == "gpu" else "interpret"
-
-
-def median_seconds(fn, reps: int) -> float:
-    jax.block_until_ready(fn())
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def random_mask(key, shape, density: float) -> jax.Array:
@@ -46,8 +36,8 @@ def random_mask(key, shape, density: float) -> jax.Array:
     return jnp.zeros(n, bool).at[order[:keep]].set(True).reshape(shape)
 
 
-def bench_shape(t: int, k: int, n: int, blocks: list[int], sparsities: list[float], reps: int,
-                block_t: int, num_warps: int, num_stages: int) -> list[dict]:
+def bench_shape(t: int, k: int, n: int, blocks: list[int], sparsities: list[float],
+                reps: int) -> list[dict]:
     keys = jax.random.split(jax.random.key(t + k + n), 4)
     x = jax.random.normal(keys[0], (t, k), jnp.bfloat16)
     w = jax.random.normal(keys[1], (k, n), jnp.bfloat16)
@@ -62,9 +52,8 @@ def bench_shape(t: int, k: int, n: int, blocks: list[int], sparsities: list[floa
     for block in blocks:
         def sparse_fns(layout):
             def mm(a, b):
-                return block_sparse_matmul(a, b, layout, block=block, implementation=IMPLEMENTATION,
-                                           block_t=block_t, num_warps=num_warps,
-                                           num_stages=num_stages)
+                return block_sparse_matmul(a, b, layout, block=block,
+                                           implementation=IMPLEMENTATION)
 
             fwd = jax.jit(mm)
             fb = jax.jit(lambda a, b, g: jax.vjp(mm, a, b)[1](g))
@@ -97,6 +86,46 @@ def bench_shape(t: int, k: int, n: int, blocks: list[int], sparsities: list[floa
     return rows
 
 
+def sweep(t: int, k: int, n: int, block: int, sparsity: float, reps: int) -> Tilings:
+    """Times each kernel alone over candidate tilings at one shape and sparsity; returns the
+    fastest per kernel (paste it into api.TUNED_TILINGS)."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (t, k), jnp.bfloat16)
+    w = jax.random.normal(keys[1], (k, n), jnp.bfloat16)
+    dy = jax.random.normal(keys[2], (t, n), jnp.bfloat16)
+    layout = build_layout(random_mask(keys[3], (k // block, n // block), 1 - sparsity))
+    interpret = IMPLEMENTATION == "interpret"
+    products = {
+        "forward": lambda c: kernel.forward(
+            x, w, layout.col_table, layout.col_count, block=block, block_t=c.rows,
+            interpret=interpret, num_warps=c.num_warps, num_stages=c.num_stages),
+        "input_grad": lambda c: kernel.input_grad(
+            dy, w, layout.row_table, layout.row_count, block=block, block_t=c.rows,
+            interpret=interpret, num_warps=c.num_warps, num_stages=c.num_stages),
+        "weight_grad": lambda c: kernel.weight_grad(
+            x, dy, layout.block_mask, block=block, block_t=c.rows, interpret=interpret,
+            out_dtype=jnp.bfloat16, num_warps=c.num_warps, num_stages=c.num_stages),
+    }
+    flops = 2 * t * k * n * float(layout.block_mask.mean())
+    best = {}
+    for name, fn in products.items():
+        timings = []
+        for rows, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4)):
+            tiling = Tiling(rows, warps, stages)
+            run = jax.jit(lambda c=tiling, fn=fn: fn(c))
+            try:
+                seconds = median_seconds(run, reps)
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: skip it
+                print(f"  {name} {tiling}: failed ({' '.join(str(e).split())[:100]})")
+                continue
+            timings.append((seconds, tiling))
+            print(f"  {name} {tiling}: {flops / seconds / 1e12:.0f} TFLOP/s (non-zero)",
+                  flush=True)
+        seconds, best[name] = min(timings, key=lambda st: st[0])
+        print(f"{name}: best {best[name]} at {flops / seconds / 1e12:.0f} TFLOP/s", flush=True)
+    return Tilings(**best)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="8192x4096x4096,16384x4096x4096,8192x4096x16384,"
@@ -104,19 +133,24 @@ def main() -> None:
     parser.add_argument("--blocks", default="64,128")
     parser.add_argument("--sparsities", default="0.5,0.75,0.9")
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--block-t", type=int, default=128)
-    parser.add_argument("--warps", type=int, default=4)
-    parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead: tune each kernel's tiling at the first shape, 75%% sparse")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
-    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; block_t "
-          f"{args.block_t}, num_warps {args.warps}, num_stages {args.stages}", flush=True)
+    blocks = [int(b) for b in args.blocks.split(",")]
+    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}", flush=True)
+    if args.sweep:
+        t, k, n = (int(v) for v in args.shapes.split(",")[0].split("x"))
+        for block in blocks:
+            print(f"block {block}: {sweep(t, k, n, block, 0.75, args.reps)}", flush=True)
+        return
+    for block in blocks:
+        print(f"block {block}: {TUNED_TILINGS.get(block, Tilings())}")
     rows = []
     for shape in args.shapes.split(","):
         t, k, n = (int(v) for v in shape.split("x"))
-        rows += bench_shape(t, k, n, [int(b) for b in args.blocks.split(",")],
-                            [float(s) for s in args.sparsities.split(",")], args.reps,
-                            args.block_t, args.warps, args.stages)
+        rows += bench_shape(t, k, n, blocks, [float(s) for s in args.sparsities.split(",")],
+                            args.reps)
     print("\n| shape | block | sparsity | XLA dense fwd / fwd+bwd ms | sparse fwd / fwd+bwd ms | "
           "speed-up fwd | speed-up fwd+bwd | per-block eff. fwd / fwd+bwd | dense Pallas TFLOP/s "
           "(XLA) |")

@@ -66,7 +66,9 @@ def _weight_grad_kernel(block_mask_ref, x_ref, dy_ref, dw_ref, *, block, block_t
         return acc + jax.lax.dot_general(x_ref[rows, ks], dy_ref[rows, cols], _TN,
                                          preferred_element_type=jnp.float32)
 
-    n = jnp.where(block_mask_ref[k, j] != 0, chunks, 0)  # pruned tiles: no work, zeros out
+    # pruned tiles: no work, zeros out. Integer arithmetic, not jnp.where: the Triton
+    # lowering gave the where's weakly typed result an i1 type, an invalid loop bound.
+    n = jnp.minimum(block_mask_ref[k, j], 1) * chunks
     acc = jax.lax.fori_loop(0, n, body, jnp.zeros((block, block), jnp.float32))
     dw_ref[...] = acc.astype(dw_ref.dtype)
 

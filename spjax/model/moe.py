@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.grouped_gemm import grouped_matmul
+from pallas_kernels.grouped_gemm import kernel as grouped_gemm_kernel
 from spjax import parallel
 from spjax.config import ModelConfig
 from spjax.model.linear import normal_init
@@ -70,23 +72,35 @@ def losses_from(stats: Stats, top_k: int) -> Stats:
 
 
 def grouped_swiglu(x_MxD: jax.Array, sizes_G: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array) -> jax.Array:
-    """Rows sorted by group; rows past sum(sizes) (padding) come out exactly zero."""
+                   w_down: jax.Array, implementation: str = "auto",
+                   padded: bool = True) -> jax.Array:
+    """Rows sorted by group; rows past sum(sizes) (padding) come out exactly zero.
+    padded=False promises there are none (sum(sizes) == rows), which saves the zeroing."""
     dt = x_MxD.dtype
-    gate = jax.lax.ragged_dot(x_MxD, w_gate.astype(dt), sizes_G)
-    up = jax.lax.ragged_dot(x_MxD, w_up.astype(dt), sizes_G)
-    out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down.astype(dt), sizes_G)
+    if implementation == "auto":
+        # The Mosaic GPU kernels on Hopper when this shard's widths fit their tiles (5-30x
+        # jax.lax.ragged_dot there, bench/moe.py), else ragged_dot (CPU, other GPUs).
+        fits = grouped_gemm_kernel.supported(*w_gate.shape[1:]) and dt in (jnp.bfloat16,
+                                                                           jnp.float16)
+        implementation = "pallas" if fits else "ragged_dot"
+    mm = lambda a, w: grouped_matmul(a, w.astype(dt), sizes_G, implementation,  # noqa: E731
+                                     padded=padded)
+    out = mm(jax.nn.silu(mm(x_MxD, w_gate)) * mm(x_MxD, w_up), w_down)
+    if not padded:
+        return out
     valid = jnp.arange(x_MxD.shape[0]) < jnp.sum(sizes_G)
     return jnp.where(valid[:, None], out, 0)
 
 
-def dropless(x_NxD, experts_NxK, gates_NxK, w_gate, w_up, w_down) -> jax.Array:
+def dropless(x_NxD, experts_NxK, gates_NxK, w_gate, w_up, w_down,
+             implementation: str = "auto") -> jax.Array:
     n, k = experts_NxK.shape
     flat = experts_NxK.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token = order // k
     sizes = jnp.zeros((w_gate.shape[0],), jnp.int32).at[flat].add(1)
-    out = grouped_swiglu(x_NxD[token], sizes, w_gate, w_up, w_down)
+    out = grouped_swiglu(x_NxD[token], sizes, w_gate, w_up, w_down, implementation,
+                         padded=False)  # every one of the n k rows has an expert
     weighted = out * gates_NxK.reshape(-1)[order][:, None].astype(out.dtype)
     return jnp.zeros_like(x_NxD).at[token].add(weighted)
 
@@ -122,7 +136,7 @@ def capacity_for(tokens: int, top_k: int, experts: int, factor: float) -> int:
 
 
 def _all_to_all_experts(x_NxD, experts_NxK, gates_NxK, w_gate, w_up, w_down, *, axis: str,
-                        shards: int, tensor_axis: str | None) -> jax.Array:
+                        shards: int, tensor_axis: str | None, implementation: str) -> jax.Array:
     """Inside shard_map: send each assignment to the shard owning its expert, compute, return.
 
     The send buffer is (shards, N k, d): padded to the worst case of every assignment going to
@@ -142,7 +156,7 @@ def _all_to_all_experts(x_NxD, experts_NxK, gates_NxK, w_gate, w_up, w_down, *, 
     rows_x, rows_e = recv_x.reshape(-1, x_NxD.shape[1]), recv_e.reshape(-1)
     order = jnp.argsort(rows_e, stable=True)  # padding (id == local) sorts last, outside groups
     sizes = jnp.zeros((local + 1,), jnp.int32).at[rows_e].add(1)[:local]
-    out_sorted = grouped_swiglu(rows_x[order], sizes, w_gate, w_up, w_down)
+    out_sorted = grouped_swiglu(rows_x[order], sizes, w_gate, w_up, w_down, implementation)
     out = jnp.zeros_like(rows_x).at[order].set(out_sorted)
     if tensor_axis is not None:  # hidden units split over `tensor`: sum the partial outputs
         out = jax.lax.psum(out, tensor_axis)
@@ -162,6 +176,7 @@ class MoE(nnx.Module):
         init = normal_init(config.init_std)
         self.moe = moe
         self.compute_dtype = jnp.dtype(config.compute_dtype)
+        self.gemm = moe.grouped_gemm  # resolved per call: see grouped_swiglu
         self.router = nnx.Param(init(rngs.params(), (d, e), dt), axes=("embed", None))
         self.w_gate = nnx.Param(init(rngs.params(), (e, d, f), dt),
                                 axes=("experts", "embed", "mlp"))
@@ -197,7 +212,7 @@ class MoE(nnx.Module):
                                     self.moe.capacity_factor)
             y = with_capacity(x_NxD, experts, gates, w_gate, w_up, w_down, capacity)
         else:
-            y = dropless(x_NxD, experts, gates, w_gate, w_up, w_down)
+            y = dropless(x_NxD, experts, gates, w_gate, w_up, w_down, self.gemm)
         return y, stats
 
     def _sharded(self, active: tuple[Any, Any], x_NxD, router, w_gate, w_up, w_down):
@@ -216,7 +231,8 @@ class MoE(nnx.Module):
             if ep > 1:
                 gates, experts, stats = route(x, router, self.moe.top_k)
                 y = _all_to_all_experts(x, experts, gates, w_gate, w_up, w_down,
-                                        axis="expert", shards=ep, tensor_axis=tp)
+                                        axis="expert", shards=ep, tensor_axis=tp,
+                                        implementation=self.gemm)
             else:
                 y, stats = self._local(x, router, w_gate, w_up, w_down)
                 if tp is not None:
