@@ -2,8 +2,11 @@
 
 - `state`: the whole `TrainState` (params, structure, optimizer state, step, rng), restored
   straight into its sharded layout, so a checkpoint from one mesh restores onto another;
-- `data`: the grain iterator state (each process writes its own), so a resumed run sees exactly
-  the batches it would have seen;
+- `data`: the data iterator's state (`TrainIterator.get_state()`: the next global batch index
+  and the data fingerprint), so a resumed run sees exactly the batches it would have seen. It
+  is global, the same in every process, so it is written once as JSON and restores into any
+  process count (grain's own handler writes one file per process and restores only into the
+  same count);
 - `meta`: the model config and format version, checked *before* restoring so a mismatched
   checkpoint fails with a message naming the differing key instead of a shape error.
 
@@ -21,12 +24,12 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-import grain
 import orbax.checkpoint as ocp
 
 from spjax.errors import CheckpointError
 
-FORMAT_VERSION = 1
+# 2: the data state is one JSON item for all processes (1 had one grain file per process)
+FORMAT_VERSION = 2
 
 # Orbax logs every save at INFO; the training loop reports saves itself.
 logging.getLogger("absl").setLevel(logging.WARNING)
@@ -38,7 +41,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                cleanup_tmp_directories=True)
         handlers = {"state": ocp.StandardCheckpointHandler(),
-                    "data": grain.checkpoint.CheckpointHandler(),
+                    "data": ocp.JsonCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler()}
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -55,7 +58,7 @@ class Checkpointer:
         meta = {"format_version": FORMAT_VERSION, **meta}
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
+            data=ocp.args.JsonSave(data_iterator.get_state()),
             meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any,
@@ -74,11 +77,12 @@ class Checkpointer:
             with _quiet_failed_reads():
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator)))
+                    data=ocp.args.JsonRestore()))
         except Exception as e:
             raise CheckpointError(f"checkpoint {where} is corrupt or does not match this run "
                                   f"({_first_line(e)}); delete it to fall back to an earlier "
                                   f"one, or use a new run_dir") from None
+        data_iterator.set_state(restored["data"])  # a CheckpointError names what differs
         return restored["state"]
 
     def wait(self) -> None:
