@@ -3,7 +3,8 @@ fresh random data and masks, several shapes and densities (empty tile rows and c
 all-dense, all-empty), every output element written (interpret mode leaves unwritten
 outputs NaN), and clear errors for bad input.
 
-The GPU variant (implementation="pallas") is marked `gpu` and runs on the GPU machine.
+The Mosaic GPU kernels run here under Mosaic GPU's interpret mode; the GPU variants
+(implementation="pallas" and "mosaic") are marked `gpu` and run on the GPU machine.
 """
 
 import jax
@@ -127,15 +128,58 @@ def test_bad_input_is_a_clear_error(make, needle):
         block_sparse_matmul(x, w, layout, block=block, implementation="interpret")
 
 
+MOSAIC_CASES = [  # (T, K, N, block, density, special): bf16, blocks 64 and 128
+    (128, 256, 384, 64, 0.5, "empty_rows_and_cols"),
+    (200, 256, 256, 128, 0.5, None),  # T padded to the 128-row tile
+    (128, 128, 256, 64, 1.0, None),  # fully dense mask
+    (128, 256, 128, 64, 0.0, None),  # everything pruned
+]
+
+
+@pytest.mark.parametrize("case", MOSAIC_CASES,
+                         ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-b{c[3]}-d{c[4]}")
+def test_mosaic_gpu_kernels_in_interpret_mode_match_the_reference(case):
+    """The Mosaic GPU (TMA + wgmma) kernels, run by Mosaic GPU's interpreter on CPU."""
+    t, k, n, block, density, special = case
+    x, w, mask, dy = _inputs(t, k, n, block, density, special, jnp.bfloat16, seed=sum(case[:4]))
+    w = w.astype(jnp.float32)  # fp32 master weights, as in training: dW comes back in fp32
+    layout = build_layout(mask)
+    y, vjp = jax.vjp(lambda x, w: block_sparse_matmul(x, w, layout, block=block,
+                                                      implementation="mosaic_interpret"), x, w)
+    dx, dw = vjp(dy)
+    assert y.dtype == dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    y_ref, dx_ref, dw_ref = _reference_grads(x, w.astype(jnp.bfloat16), mask, dy, block)
+    for ours, ref in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):
+        assert not np.any(np.isnan(np.asarray(ours, np.float32)))
+        if np.any(np.asarray(ref) != 0):
+            # y and dx are rounded to bf16 once (relative 2^-9 per element); dw stays fp32
+            assert _relative_error(ours, ref) < (1e-5 if ours is dw else 5e-3)
+        else:
+            np.testing.assert_array_equal(np.asarray(ours, np.float32), 0.0)
+    pruned = ~np.asarray(reference.expand(mask, block, jnp.float32), bool)
+    assert np.all(np.asarray(dw)[pruned] == 0.0)
+
+
+def test_mosaic_rejects_what_wgmma_cannot_take():
+    x, w = jnp.ones((128, 128), jnp.float32), jnp.ones((128, 128), jnp.float32)
+    layout = build_layout(jnp.ones((4, 4), bool))
+    with pytest.raises(BlockSparseError, match="bfloat16 or float16"):
+        block_sparse_matmul(x, w, layout, block=32, implementation="mosaic_interpret")
+    with pytest.raises(BlockSparseError, match="blocks 64 and 128"):
+        block_sparse_matmul(x.astype(jnp.bfloat16), w, layout, block=32,
+                            implementation="mosaic_interpret")
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("implementation", ["pallas", "mosaic"])
 @pytest.mark.parametrize("block", [64, 128])
 @pytest.mark.parametrize("density", [0.1, 0.25, 0.5, 1.0])
-def test_gpu_pallas_matches_the_reference(block, density):
+def test_gpu_kernels_match_the_reference(implementation, block, density):
     t, k, n = 1024, 1024, 2048
     x, w, mask, dy = _inputs(t, k, n, block, density, None, jnp.bfloat16, seed=block)
     layout = build_layout(mask)
     y, vjp = jax.vjp(lambda x, w: block_sparse_matmul(x, w, layout, block=block,
-                                                      implementation="pallas"), x, w)
+                                                      implementation=implementation), x, w)
     dx, dw = vjp(dy)
     y_ref, dx_ref, dw_ref = _reference_grads(x, w, mask, dy, block)
     for ours, ref in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):

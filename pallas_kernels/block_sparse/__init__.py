@@ -2,7 +2,8 @@
 
     reference.py   plain jnp, the truth
     layout.py      block tables (column table, transposed row table) built from a block mask
-    kernel.py      Pallas kernels (Triton lowering; interpret mode on CPU)
+    kernel.py      Pallas kernels, Triton lowering (any NVIDIA GPU; interpret mode on CPU)
+    kernel_mgpu.py Pallas Mosaic GPU kernels (Hopper: TMA + wgmma; GPU interpret mode on CPU)
     api.py         `block_sparse_matmul` with a custom VJP and an `implementation=` switch
     bench.py       GPU benchmark against XLA dense in the same run
 """

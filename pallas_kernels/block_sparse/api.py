@@ -2,9 +2,12 @@
 the tile mask M of `layout`, differentiable through a custom VJP whose three products all skip
 pruned tiles:
 
-  implementation="xla"        plain jnp (reference.py): runs anywhere, no skipping
-  implementation="pallas"     the Pallas kernels on GPU
-  implementation="interpret"  the same kernels interpreted on CPU (tests)
+  implementation="xla"               plain jnp (reference.py): runs anywhere, no skipping
+  implementation="pallas"            Pallas kernels, Triton lowering (kernel.py): any NVIDIA GPU
+  implementation="interpret"         the same, interpreted on CPU (tests)
+  implementation="mosaic"            Pallas Mosaic GPU kernels (kernel_mgpu.py: TMA + wgmma),
+                                     Hopper; bf16/f16 inputs, blocks 64 and 128
+  implementation="mosaic_interpret"  the same, under Mosaic GPU's interpret mode on CPU (tests)
 
 The weight gradient is dW = (X^T dY) * M: zero at pruned tiles, exactly the gradient of
 X (W * M). x may have any leading dimensions; they are flattened into T rows and padded to a
@@ -20,10 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.block_sparse import kernel, reference
+from pallas_kernels.block_sparse import kernel, kernel_mgpu, reference
 from pallas_kernels.block_sparse.layout import BlockLayout
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+IMPLEMENTATIONS = ("xla", "pallas", "interpret", "mosaic", "mosaic_interpret")
+MOSAIC_DTYPES = (jnp.bfloat16, jnp.float16)  # wgmma's 16-bit operand types
+MOSAIC_BLOCKS = (64, 128)
 
 
 class BlockSparseError(ValueError):
@@ -62,27 +68,36 @@ class Settings:
     block: int
     implementation: str
     tilings: Tilings
+    mosaic: kernel_mgpu.MosaicTiling = kernel_mgpu.MosaicTiling()
+
+    @property
+    def is_mosaic(self) -> bool:
+        return self.implementation.startswith("mosaic")
 
 
 def block_sparse_matmul(x: jax.Array, w: jax.Array, layout: BlockLayout, *, block: int,
                         implementation: str = "xla", tilings: Tilings | None = None,
-                        block_t: int | None = None) -> jax.Array:
-    """`tilings` defaults to TUNED_TILINGS[block]; `block_t` sets every kernel's row tile
-    (tests use small ones)."""
+                        block_t: int | None = None,
+                        mosaic: kernel_mgpu.MosaicTiling | None = None) -> jax.Array:
+    """`tilings` (Triton path) defaults to TUNED_TILINGS[block]; `block_t` sets every Triton
+    kernel's row tile (tests use small ones); `mosaic` is the Mosaic GPU path's tiling."""
     if tilings is None:
         tilings = TUNED_TILINGS.get(block, Tilings())
     if block_t is not None:
         tilings = Tilings(*(dataclasses.replace(t, rows=block_t) for t in
                             (tilings.forward, tilings.input_grad, tilings.weight_grad)))
+    mosaic = mosaic or kernel_mgpu.MosaicTiling()
     _check(x, w, layout, block, implementation, tilings)
     row_tile = max(tilings.forward.rows, tilings.input_grad.rows, tilings.weight_grad.rows)
+    if implementation.startswith("mosaic"):
+        row_tile = max(mosaic.block_m, mosaic.block_k)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     rows = x2.shape[0]
     padded = -(-rows // row_tile) * row_tile  # powers of two: a multiple of every row tile
     if padded != rows:  # pad with zero rows; they contribute nothing to dW
         x2 = jnp.pad(x2, ((0, padded - rows), (0, 0)))
-    settings = Settings(block, implementation, tilings)
+    settings = Settings(block, implementation, tilings, mosaic)
     y = _matmul(x2, w, layout, settings)
     return y[:rows].reshape(*lead, w.shape[1])
 
@@ -95,6 +110,10 @@ def _matmul(x, w, layout, settings):
 def _forward(x, w, layout, s):
     if s.implementation == "xla":
         return reference.matmul(x, w, layout.block_mask, s.block)
+    if s.is_mosaic:
+        return kernel_mgpu.forward(x, w.astype(x.dtype), layout.col_table, layout.col_count,
+                                   block=s.block, tiling=s.mosaic,
+                                   interpret=s.implementation == "mosaic_interpret")
     t = s.tilings.forward
     return kernel.forward(x, w.astype(x.dtype), layout.col_table, layout.col_count,
                           block=s.block, block_t=t.rows,
@@ -111,6 +130,13 @@ def _matmul_bwd(s, residuals, dy):
     if s.implementation == "xla":
         dx = reference.input_grad(dy, w.astype(dy.dtype), layout.block_mask, s.block)
         dw = reference.weight_grad(x, dy.astype(x.dtype), layout.block_mask, s.block)
+    elif s.is_mosaic:
+        interpret = s.implementation == "mosaic_interpret"
+        dy = dy.astype(x.dtype)
+        dx = kernel_mgpu.input_grad(dy, w.astype(dy.dtype), layout.row_table, layout.row_count,
+                                    block=s.block, tiling=s.mosaic, interpret=interpret)
+        dw = kernel_mgpu.weight_grad(x, dy, layout.block_mask, block=s.block,
+                                     out_dtype=w.dtype, tiling=s.mosaic, interpret=interpret)
     else:
         interpret = s.implementation == "interpret"
         tx, tw = s.tilings.input_grad, s.tilings.weight_grad
@@ -128,9 +154,9 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def _check(x, w, layout, block, implementation, tilings: Tilings) -> None:
-    if implementation not in ("xla", "pallas", "interpret"):
-        raise BlockSparseError(f"implementation must be 'xla', 'pallas' or 'interpret', got "
-                               f"{implementation!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise BlockSparseError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, "
+                               f"got {implementation!r}")
     if w.ndim != 2 or x.shape[-1] != w.shape[0]:
         raise BlockSparseError(f"x {x.shape} and w {w.shape} do not multiply: x's last "
                                f"dimension must equal w's first")
@@ -149,3 +175,11 @@ def _check(x, w, layout, block, implementation, tilings: Tilings) -> None:
     for t in (tilings.forward, tilings.input_grad, tilings.weight_grad):
         if t.rows <= 0 or t.rows & (t.rows - 1):
             raise BlockSparseError(f"row tile (block_t) must be a power of two, got {t.rows}")
+    if implementation.startswith("mosaic"):
+        if x.dtype not in MOSAIC_DTYPES:
+            raise BlockSparseError(f"the Mosaic GPU kernels take bfloat16 or float16 inputs, "
+                                   f"got x of {x.dtype}; cast the activations (compute_dtype)"
+                                   f" or use implementation='pallas'")
+        if block not in MOSAIC_BLOCKS:
+            raise BlockSparseError(f"the Mosaic GPU kernels support blocks 64 and 128, got "
+                                   f"{block}; use implementation='pallas' for other blocks")

@@ -3,7 +3,9 @@
 For each shape (T x K x N), block size and sparsity, times with random bf16 data:
   - XLA dense: Y = X W, and forward + backward (dX, dW) through jax.vjp;
   - the Pallas block-sparse kernels, forward and forward + backward;
-  - the same Pallas kernels with every tile kept ("dense Pallas"), the per-block baseline.
+  - the same Pallas kernels with every tile kept ("dense Pallas"), the per-block baseline;
+for each kernel family (--implementations): `pallas` (Triton lowering, kernel.py) and
+`mosaic` (Mosaic GPU, kernel_mgpu.py).
 Prints speed-ups over XLA dense and the per-non-zero-block efficiency:
   (non-zero FLOPs / sparse time) / (dense FLOPs / dense-Pallas time).
 
@@ -21,11 +23,14 @@ import jax.numpy as jnp
 
 from pallas_kernels.block_sparse import kernel
 from pallas_kernels.block_sparse.api import TUNED_TILINGS, Tiling, Tilings, block_sparse_matmul
+from pallas_kernels.block_sparse.kernel_mgpu import MosaicTiling
 from pallas_kernels.block_sparse.layout import build_layout
 from pallas_kernels.timing import median_seconds
 
-# "interpret" lets the script itself be checked on CPU with tiny shapes
-IMPLEMENTATION = "pallas" if jax.default_backend() == "gpu" else "interpret"
+ON_GPU = jax.default_backend() == "gpu"
+# On CPU the interpreters stand in, so the script itself can be checked with tiny shapes.
+RUNS_AS = {"pallas": "pallas" if ON_GPU else "interpret",
+           "mosaic": "mosaic" if ON_GPU else "mosaic_interpret"}
 
 
 def random_mask(key, shape, density: float) -> jax.Array:
@@ -37,7 +42,8 @@ def random_mask(key, shape, density: float) -> jax.Array:
 
 
 def bench_shape(t: int, k: int, n: int, blocks: list[int], sparsities: list[float],
-                reps: int) -> list[dict]:
+                reps: int, implementations: list[str],
+                mosaic: MosaicTiling = MosaicTiling()) -> list[dict]:
     keys = jax.random.split(jax.random.key(t + k + n), 4)
     x = jax.random.normal(keys[0], (t, k), jnp.bfloat16)
     w = jax.random.normal(keys[1], (k, n), jnp.bfloat16)
@@ -49,11 +55,11 @@ def bench_shape(t: int, k: int, n: int, blocks: list[int], sparsities: list[floa
     xla_fwd = median_seconds(lambda: dense_fwd(x, w), reps)
     xla_fb = median_seconds(lambda: dense_fb(x, w, dy), reps)
     rows = []
-    for block in blocks:
+    for block, implementation in itertools.product(blocks, implementations):
         def sparse_fns(layout):
             def mm(a, b):
-                return block_sparse_matmul(a, b, layout, block=block,
-                                           implementation=IMPLEMENTATION)
+                return block_sparse_matmul(a, b, layout, block=block, mosaic=mosaic,
+                                           implementation=RUNS_AS[implementation])
 
             fwd = jax.jit(mm)
             fb = jax.jit(lambda a, b, g: jax.vjp(mm, a, b)[1](g))
@@ -70,7 +76,8 @@ def bench_shape(t: int, k: int, n: int, blocks: list[int], sparsities: list[floa
             s_fwd = median_seconds(lambda: fwd(x, w), reps)
             s_fb = median_seconds(lambda: fb(x, w, dy), reps)
             row = {
-                "shape": f"{t}x{k}x{n}", "block": block, "sparsity": 1 - density,
+                "shape": f"{t}x{k}x{n}", "block": block, "implementation": implementation,
+                "sparsity": 1 - density,
                 "xla_fwd_ms": 1e3 * xla_fwd, "xla_fb_ms": 1e3 * xla_fb,
                 "pallas_dense_fwd_ms": 1e3 * pallas_dense_fwd,
                 "pallas_dense_fb_ms": 1e3 * pallas_dense_fb,
@@ -94,7 +101,7 @@ def sweep(t: int, k: int, n: int, block: int, sparsity: float, reps: int) -> Til
     w = jax.random.normal(keys[1], (k, n), jnp.bfloat16)
     dy = jax.random.normal(keys[2], (t, n), jnp.bfloat16)
     layout = build_layout(random_mask(keys[3], (k // block, n // block), 1 - sparsity))
-    interpret = IMPLEMENTATION == "interpret"
+    interpret = not ON_GPU
     products = {
         "forward": lambda c: kernel.forward(
             x, w, layout.col_table, layout.col_count, block=block, block_t=c.rows,
@@ -126,6 +133,36 @@ def sweep(t: int, k: int, n: int, block: int, sparsity: float, reps: int) -> Til
     return Tilings(**best)
 
 
+def sweep_mosaic(t: int, k: int, n: int, block: int, sparsity: float,
+                 reps: int) -> MosaicTiling:
+    """Forward + backward over Mosaic tilings at one shape and sparsity; returns the fastest."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (t, k), jnp.bfloat16)
+    w = jax.random.normal(keys[1], (k, n), jnp.bfloat16)
+    dy = jax.random.normal(keys[2], (t, n), jnp.bfloat16)
+    layout = build_layout(random_mask(keys[3], (k // block, n // block), 1 - sparsity))
+    flops = 3 * 2 * t * k * n * float(layout.block_mask.mean())
+    timings = []
+    for block_m, steps, grid in itertools.product((64, 128), (2, 3, 4, 5), (1, 2, 4)):
+        tiling = MosaicTiling(block_m=block_m, max_concurrent_steps=steps, grid_block_n=grid)
+
+        def mm(a, b, tiling=tiling):
+            return block_sparse_matmul(a, b, layout, block=block, mosaic=tiling,
+                                       implementation=RUNS_AS["mosaic"])
+
+        fb = jax.jit(lambda a, b, g, mm=mm: jax.vjp(mm, a, b)[1](g))
+        try:
+            seconds = median_seconds(lambda: fb(x, w, dy), reps)
+        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: skip it
+            print(f"  {tiling}: failed ({' '.join(str(e).split())[:100]})")
+            continue
+        timings.append((seconds, tiling))
+        print(f"  {tiling}: {flops / seconds / 1e12:.0f} TFLOP/s fwd+bwd (non-zero)", flush=True)
+    seconds, best = min(timings, key=lambda st: st[0])
+    print(f"mosaic block {block}: best {best} at {flops / seconds / 1e12:.0f} TFLOP/s")
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="8192x4096x4096,16384x4096x4096,8192x4096x16384,"
@@ -133,16 +170,22 @@ def main() -> None:
     parser.add_argument("--blocks", default="64,128")
     parser.add_argument("--sparsities", default="0.5,0.75,0.9")
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--implementations", default="pallas,mosaic",
+                        help="pallas (Triton lowering) and/or mosaic (Mosaic GPU)")
     parser.add_argument("--sweep", action="store_true",
                         help="instead: tune each kernel's tiling at the first shape, 75%% sparse")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     blocks = [int(b) for b in args.blocks.split(",")]
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}", flush=True)
+    implementations = args.implementations.split(",")
     if args.sweep:
         t, k, n = (int(v) for v in args.shapes.split(",")[0].split("x"))
         for block in blocks:
-            print(f"block {block}: {sweep(t, k, n, block, 0.75, args.reps)}", flush=True)
+            if "pallas" in implementations:
+                print(f"block {block}: {sweep(t, k, n, block, 0.75, args.reps)}", flush=True)
+            if "mosaic" in implementations:
+                sweep_mosaic(t, k, n, block, 0.75, args.reps)
         return
     for block in blocks:
         print(f"block {block}: {TUNED_TILINGS.get(block, Tilings())}")
@@ -150,13 +193,13 @@ def main() -> None:
     for shape in args.shapes.split(","):
         t, k, n = (int(v) for v in shape.split("x"))
         rows += bench_shape(t, k, n, blocks, [float(s) for s in args.sparsities.split(",")],
-                            args.reps)
-    print("\n| shape | block | sparsity | XLA dense fwd / fwd+bwd ms | sparse fwd / fwd+bwd ms | "
-          "speed-up fwd | speed-up fwd+bwd | per-block eff. fwd / fwd+bwd | dense Pallas TFLOP/s "
-          "(XLA) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+                            args.reps, implementations)
+    print("\n| shape | block | kernels | sparsity | XLA dense fwd / fwd+bwd ms | sparse fwd / "
+          "fwd+bwd ms | speed-up fwd | speed-up fwd+bwd | per-block eff. fwd / fwd+bwd | "
+          "all-tiles kernel TFLOP/s (XLA) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['block']} | {r['sparsity']:.0%} | {r['xla_fwd_ms']:.2f} / "
+        print(f"| {r['shape']} | {r['block']} | {r['implementation']} | {r['sparsity']:.0%} | {r['xla_fwd_ms']:.2f} / "
               f"{r['xla_fb_ms']:.2f} | {r['sparse_fwd_ms']:.2f} / {r['sparse_fb_ms']:.2f} | "
               f"{r['speedup_fwd']:.2f}x | {r['speedup_fb']:.2f}x | {r['block_eff_fwd']:.0%} / "
               f"{r['block_eff_fb']:.0%} | {r['pallas_dense_tflops']:.0f} ({r['xla_tflops']:.0f}) |")

@@ -101,8 +101,10 @@ class SparsityConfig:
     block: int = 32
     # block pattern: 'auto' runs the Pallas block-sparse kernels on GPU (all three products
     # skip pruned tiles) and their plain-jnp reference elsewhere; 'none' simulates the mask
-    # in dense matmuls (MaskedLinear); 'xla' / 'pallas' / 'interpret' force one
-    kernel: Literal["auto", "none", "xla", "pallas", "interpret"] = "auto"
+    # in dense matmuls (MaskedLinear); 'xla' / 'pallas' (Triton lowering) / 'interpret' /
+    # 'mosaic' (Mosaic GPU, Hopper, bf16, blocks 64/128) / 'mosaic_interpret' force one
+    kernel: Literal["auto", "none", "xla", "pallas", "interpret", "mosaic",
+                    "mosaic_interpret"] = "auto"
     distribution: Literal["uniform", "erk"] = "uniform"
     # layer name -> 'sparse' (density from the distribution), 'dense', or an explicit density
     rules: RuleList = DEFAULT_LAYER_RULES
