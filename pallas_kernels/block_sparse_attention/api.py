@@ -1,0 +1,147 @@
+"""`block_sparse_attention(q, k, v, layout_or_mask, block=..., causal=True, implementation=...)`
+
+Softmax attention restricted to the kept (query block, key block) tiles of a block mask,
+differentiable through a custom VJP whose backward also skips dropped tiles:
+
+  implementation="xla"        plain jnp (reference.py), plain autodiff: runs anywhere, no
+                              skipping (materializes the T x T logits)
+  implementation="pallas"     Pallas flash-attention kernels, Triton lowering (kernel.py):
+                              any NVIDIA GPU
+  implementation="interpret"  the same kernels, interpreted on CPU (tests)
+
+Shapes as in `jax.nn.dot_product_attention`: q B x T x H x D, k and v B x T x Hkv x D with H a
+multiple of Hkv (GQA, MQA); the output is B x T x H x D in q's dtype. The mask is (T/b, T/b),
+(H, T/b, T/b) or (B, H, T/b, T/b) (leading sizes 1 broadcast), or an `AttentionLayout`
+already built from one (build it once per mask: `build_layout`).
+
+A query row whose every key is masked gets output 0 and zero gradients (reference.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.block_sparse_attention import kernel, reference
+from pallas_kernels.block_sparse_attention.layout import AttentionLayout, build_layout
+
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+IMPLEMENTATIONS = ("xla", "pallas", "interpret")
+GPU_BLOCKS = (64, 128)  # tiles the GPU kernels are meant for; tests interpret smaller ones
+
+
+class BlockSparseAttentionError(ValueError):
+    """Bad input to block-sparse attention (shapes, mask, heads, block size, dtype)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    block: int
+    causal: bool
+    scale: float
+    implementation: str
+    num_warps: int
+    num_stages: int
+
+
+def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                           layout_or_mask: AttentionLayout | jax.Array | np.ndarray, *,
+                           block: int, causal: bool = True, implementation: str = "xla",
+                           scale: float | None = None, num_warps: int | None = None,
+                           num_stages: int = 2) -> jax.Array:
+    """`scale` defaults to 1/sqrt(D); `num_warps` (default 4, 8 for D > 64) and `num_stages`
+    tune the Triton kernels."""
+    check(q, k, v, layout_or_mask, block=block, causal=causal, implementation=implementation)
+    layout = layout_or_mask
+    if not isinstance(layout, AttentionLayout):
+        layout = build_layout(layout, causal=causal)
+    d = q.shape[-1]
+    settings = Settings(block, causal, d ** -0.5 if scale is None else float(scale),
+                        implementation, num_warps or (4 if d <= 64 else 8), num_stages)
+    if implementation == "xla":
+        return reference.attention(q, k, v, layout.block_mask, block=block, causal=causal,
+                                   scale=settings.scale)
+    return _attention(q, k, v, layout, settings)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, layout, settings):
+    return _forward(q, k, v, layout, settings)[0]
+
+
+def _forward(q, k, v, layout, s):
+    return kernel.forward(q, k, v, layout, block=s.block, scale=s.scale,
+                          interpret=s.implementation == "interpret",
+                          num_warps=s.num_warps, num_stages=s.num_stages)
+
+
+def _attention_fwd(q, k, v, layout, settings):
+    o, lse = _forward(q, k, v, layout, settings)
+    return o, (q, k, v, o, lse, layout)
+
+
+def _attention_bwd(s, residuals, do):
+    q, k, v, o, lse, layout = residuals
+    dq, dk, dv = kernel.backward(q, k, v, o, lse, do.astype(q.dtype), layout, block=s.block,
+                                 scale=s.scale, interpret=s.implementation == "interpret",
+                                 num_warps=s.num_warps, num_stages=s.num_stages)
+    no_grad = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), layout)
+    return dq, dk, dv, no_grad
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def check(q, k, v, layout_or_mask, *, block: int, causal: bool, implementation: str) -> None:
+    """Every bad input as a one-line BlockSparseAttentionError naming the fix."""
+    if implementation not in IMPLEMENTATIONS:
+        raise BlockSparseAttentionError(f"implementation must be one of "
+                                        f"{', '.join(IMPLEMENTATIONS)}, got {implementation!r}")
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if a.ndim != 4:
+            raise BlockSparseAttentionError(f"{name} must be B x T x heads x head_dim, got "
+                                            f"shape {a.shape}")
+    if k.shape != v.shape:
+        raise BlockSparseAttentionError(f"k {k.shape} and v {v.shape} must have the same shape")
+    b, t, h, d = q.shape
+    if k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
+        raise BlockSparseAttentionError(f"q {q.shape} and k {k.shape} must agree in batch, "
+                                        f"sequence length and head_dim (self-attention)")
+    hkv = k.shape[2]
+    if h % hkv:
+        raise BlockSparseAttentionError(f"{h} query heads are not a multiple of {hkv} key/value "
+                                        f"heads; GQA needs query heads = group x kv heads")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise BlockSparseAttentionError(f"q, k, v must share one dtype of bfloat16, float16, "
+                                        f"float32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if block <= 0 or t % block:
+        raise BlockSparseAttentionError(f"sequence length {t} is not a multiple of block "
+                                        f"{block}; pad the sequence or pick a block dividing it")
+    n = t // block
+    is_layout = isinstance(layout_or_mask, AttentionLayout)
+    mask = layout_or_mask.block_mask if is_layout else layout_or_mask
+    shape = tuple(getattr(mask, "shape", ()))
+    if not 2 <= len(shape) <= 4:
+        raise BlockSparseAttentionError(
+            f"the block mask must be an array of shape (T/b, T/b), (H, T/b, T/b) or "
+            f"(B, H, T/b, T/b), got {shape if hasattr(mask, 'shape') else type(mask).__name__}")
+    lead = (1,) * (4 - len(shape)) + shape[:-2]
+    if shape[-2:] != (n, n) or lead[0] not in (1, b) or lead[1] not in (1, h):
+        raise BlockSparseAttentionError(
+            f"block mask has shape {shape}, but T={t} in blocks of {block} with B={b}, H={h} "
+            f"needs ({n}, {n}), ({h}, {n}, {n}) or ({b}, {h}, {n}, {n}) (leading sizes may be "
+            f"1); build it for this sequence length and block")
+    if is_layout and layout_or_mask.causal != causal:
+        raise BlockSparseAttentionError(f"the layout was built with causal="
+                                        f"{layout_or_mask.causal} but the call has causal="
+                                        f"{causal}; rebuild it with build_layout")
+    if implementation != "xla":
+        for what, size in (("block", block), ("head_dim", d)):
+            if size < 16 or size & (size - 1):
+                raise BlockSparseAttentionError(
+                    f"the Pallas kernels need a power-of-two {what} >= 16, got {size}; use "
+                    f"implementation='xla' or pad")

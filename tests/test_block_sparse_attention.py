@@ -1,0 +1,259 @@
+"""Block-sparse attention: every implementation against jax.grad of the plain-jnp reference
+on fresh random data and masks (GQA, MQA, per-head and per-sequence masks, empty query rows,
+non-causal, all-dense), the reference against jax.nn.dot_product_attention, every output
+element written (interpret mode leaves unwritten outputs NaN), and clear errors.
+
+The Pallas kernels run here in interpret mode with small blocks; the GPU variants
+(implementation="pallas", blocks 64 and 128) are marked `gpu` and run on the GPU machine.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.block_sparse_attention import (BlockSparseAttentionError,
+                                                   block_sparse_attention, build_layout,
+                                                   causal_block_mask, reference)
+from pallas_kernels.block_sparse_attention import kernel
+
+# (B, T, H, Hkv, D, block, density, mask kind, causal)
+CASES = [
+    (1, 64, 4, 2, 16, 16, 0.5, "shared", True),  # GQA, one query block row emptied
+    (2, 96, 2, 1, 32, 32, 0.6, "per_head", True),  # MQA, a mask per query head
+    (2, 64, 2, 2, 16, 16, 0.5, "per_sequence_head", True),  # a mask per (sequence, head)
+    (1, 64, 2, 1, 16, 16, 0.4, "shared", False),  # non-causal
+    (1, 64, 2, 2, 16, 16, 1.0, "shared", True),  # every causal tile kept
+]
+
+
+def _mask(key, kind, b, h, n, density):
+    shape = {"shared": (n, n), "per_head": (h, n, n), "per_sequence_head": (b, h, n, n)}[kind]
+    mask = jax.random.uniform(key, shape) < density
+    if density < 1:  # an empty query block row (in the causal part: row 1 has 2 tiles)
+        mask = mask.at[..., 1, :].set(False)
+    return mask
+
+
+def _inputs(b, t, h, hkv, d, dtype, seed):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (b, t, h, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(keys[1], (b, t, hkv, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(keys[2], (b, t, hkv, d), jnp.float32).astype(dtype)
+    do = jax.random.normal(keys[3], (b, t, h, d), jnp.float32).astype(dtype)
+    return q, k, v, do
+
+
+def _reference_grads(q, k, v, mask, do, block, causal):
+    """jax.vjp of the plain reference, in float32."""
+    @jax.jit
+    def run(q, k, v, mask, do):
+        f = lambda q, k, v: reference.attention(q, k, v, mask, block=block, causal=causal)  # noqa
+        o, vjp = jax.vjp(f, q, k, v)
+        return (o, *vjp(do))
+
+    up = lambda a: a.astype(jnp.float32)  # noqa: E731
+    return run(up(q), up(k), up(v), mask, up(do))
+
+
+def _grads(q, k, v, mask_or_layout, do, block, causal, implementation):
+    @jax.jit
+    def run(q, k, v, do):
+        def f(q, k, v):
+            return block_sparse_attention(q, k, v, mask_or_layout, block=block, causal=causal,
+                                          implementation=implementation)
+        o, vjp = jax.vjp(f, q, k, v)
+        return (o, *vjp(do))
+
+    return run(q, k, v, do)
+
+
+def _relative_error(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def _empty_rows(mask, b, h, t, block, causal):
+    """(B, T, H) bool: query rows with no visible key."""
+    full = np.asarray(reference.element_mask(mask, block, causal))  # (Bm, Hm, T, T)
+    empty = ~full.any(-1)  # (Bm, Hm, T)
+    return np.broadcast_to(np.moveaxis(empty, 1, 2), (b, t, h))
+
+
+@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}-{c[3]}D{c[4]}"
+                         f"-b{c[5]}-d{c[6]}-{c[7]}-{'causal' if c[8] else 'full'}")
+def test_output_and_gradients_match_the_reference(implementation, case):
+    b, t, h, hkv, d, block, density, kind, causal = case
+    q, k, v, do = _inputs(b, t, h, hkv, d, jnp.float32, seed=sum(case[:6]))
+    mask = _mask(jax.random.key(t + h), kind, b, h, t // block, density)
+    ours = _grads(q, k, v, mask, do, block, causal, implementation)
+    refs = _reference_grads(q, k, v, mask, do, block, causal)
+    for name, a, r in zip(("o", "dq", "dk", "dv"), ours, refs):
+        assert a.dtype == jnp.float32 and a.shape == r.shape
+        assert not np.any(np.isnan(np.asarray(a))), name  # every element written
+        assert _relative_error(a, r) < 1e-5, name
+    empty = _empty_rows(mask, b, h, t, block, causal)
+    if density < 1:
+        assert empty.any()  # the case does exercise empty rows
+    o, dq = np.asarray(ours[0]), np.asarray(ours[1])
+    assert np.all(o[empty] == 0.0) and np.all(dq[empty] == 0.0)
+
+
+def test_reference_is_masked_softmax_attention():
+    """Against jax.nn.dot_product_attention with the element mask, on rows that see a key;
+    rows that see none are zero with zero gradient, and contribute nothing to dk, dv."""
+    b, t, h, hkv, d, block = 2, 64, 4, 2, 16, 16
+    q, k, v, do = _inputs(b, t, h, hkv, d, jnp.float32, seed=3)
+    mask = _mask(jax.random.key(5), "per_head", b, h, t // block, 0.5)
+    full = reference.element_mask(mask, block, causal=True)  # (1, H, T, T)
+    o = jax.jit(reference.attention, static_argnames="block")(q, k, v, mask, block=block)
+    expected = jax.jit(jax.nn.dot_product_attention)(q, k, v, mask=full)
+    empty = _empty_rows(mask, b, h, t, block, True)
+    assert empty.any() and not empty.all()
+    np.testing.assert_allclose(np.asarray(o)[~empty], np.asarray(expected)[~empty],
+                               rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(o)[empty] == 0.0)
+    # the empty rows' cotangents change nothing: no gradient flows through them
+    grad = jax.jit(lambda do: jax.vjp(
+        lambda q, k, v: reference.attention(q, k, v, mask, block=block), q, k, v)[1](do))
+    grads = grad(do)
+    grads_dropped = grad(jnp.where(jnp.asarray(empty)[..., None], 0.0, do))
+    for g, g2 in zip(grads, grads_dropped):
+        assert not np.any(np.isnan(np.asarray(g)))
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(g2))
+    assert np.all(np.asarray(grads[0])[empty] == 0.0)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+@pytest.mark.parametrize("hkv", [2, 1])
+def test_dense_causal_mask_equals_plain_causal_attention(implementation, hkv):
+    b, t, h, d, block = 1, 64, 2, 16, 16
+    q, k, v, do = _inputs(b, t, h, hkv, d, jnp.float32, seed=11 + hkv)
+    ones = np.ones((t // block, t // block), bool)  # above-diagonal tiles are ignored
+    ours = _grads(q, k, v, ones, do, block, True, implementation)
+    @jax.jit
+    def plain(q, k, v, do):
+        o, vjp = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="xla"), q, k, v)
+        return (o, *vjp(do))
+
+    for a, r in zip(ours, plain(q, k, v, do)):
+        assert _relative_error(a, r) < 1e-5
+
+
+@pytest.mark.parametrize("implementation", ["xla", "interpret"])
+def test_bf16_inputs_keep_fp32_statistics(implementation):
+    b, t, h, hkv, d, block = 1, 64, 4, 2, 32, 16
+    q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=21)
+    mask = _mask(jax.random.key(2), "shared", b, h, t // block, 0.6)
+    ours = _grads(q, k, v, mask, do, block, True, implementation)
+    refs = _reference_grads(q, k, v, mask, do, block, True)
+    for name, a, r in zip(("o", "dq", "dk", "dv"), ours, refs):
+        assert a.dtype == jnp.bfloat16, name
+        assert not np.any(np.isnan(np.asarray(a, np.float32))), name
+        # bf16 rounding of P and dS before their matmuls and of the outputs (2^-8 relative)
+        assert _relative_error(a, r) < 2e-2, name
+
+
+def test_a_traced_mask_under_jit():
+    """A mask computed inside jit (a learned gate's) builds its tables in the graph."""
+    b, t, h, hkv, d, block = 2, 64, 2, 1, 16, 16
+    q, k, v, do = _inputs(b, t, h, hkv, d, jnp.float32, seed=31)
+
+    @jax.jit
+    def f(q, k, v, scores):
+        mask = scores > 0.0  # (B, H, Nq, Nk), data-dependent
+        return block_sparse_attention(q, k, v, mask, block=block, implementation="interpret")
+
+    scores = jax.random.normal(jax.random.key(4), (b, h, t // block, t // block))
+    expected = jax.jit(reference.attention, static_argnames="block")(q, k, v, scores > 0.0,
+                                                                     block=block)
+    assert _relative_error(f(q, k, v, scores), expected) < 1e-5
+
+
+def test_kernel_log_sum_exp_matches_the_reference():
+    b, t, h, hkv, d, block = 1, 64, 2, 1, 16, 16
+    q, k, v, _ = _inputs(b, t, h, hkv, d, jnp.float32, seed=41)
+    mask = _mask(jax.random.key(6), "shared", b, h, t // block, 0.5)
+    o, lse2 = kernel.forward(q, k, v, build_layout(mask), block=block, scale=d ** -0.5,
+                             interpret=True)
+    o_ref, lse_ref = reference.attention_with_lse(q, k, v, mask, block=block)
+    np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-6)
+    lse = np.asarray(lse2) / kernel.LOG2E  # the kernel keeps it in base 2
+    np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)  # -inf on empty rows too
+    assert np.isneginf(lse).any()
+
+
+def test_layout_lists_kept_tiles_and_keeps_the_diagonal_apart():
+    mask = np.array([[1, 1, 0, 1],
+                     [0, 0, 1, 1],
+                     [1, 0, 1, 0],
+                     [1, 1, 0, 0]], bool)
+    layout = build_layout(mask)  # causal: the upper triangle is dropped
+    assert isinstance(layout.q_table, np.ndarray)  # numpy in, numpy constants out
+    np.testing.assert_array_equal(layout.block_mask[0, 0], np.tril(mask))
+    np.testing.assert_array_equal(layout.diagonal[0, 0], [1, 0, 1, 0])
+    np.testing.assert_array_equal(layout.q_count[0, 0], [0, 0, 1, 2])
+    np.testing.assert_array_equal(layout.q_table[0, 0, 2, :1], [0])
+    np.testing.assert_array_equal(layout.q_table[0, 0, 3, :2], [0, 1])
+    np.testing.assert_array_equal(layout.k_count[0, 0], [2, 1, 0, 0])
+    np.testing.assert_array_equal(layout.k_table[0, 0, 0, :2], [2, 3])
+    np.testing.assert_array_equal(layout.k_table[0, 0, 1, :1], [3])
+    full = build_layout(jnp.asarray(mask), causal=False)
+    np.testing.assert_array_equal(full.diagonal, 0)
+    np.testing.assert_array_equal(full.q_count[0, 0], mask.sum(1))
+    np.testing.assert_array_equal(full.k_table[0, 0, 3, :2], [0, 1])
+    np.testing.assert_array_equal(causal_block_mask(3), np.tril(np.ones((3, 3), bool)))
+
+
+@pytest.mark.parametrize("change, needle", [
+    (dict(mask=np.ones((3, 3), bool)), "block mask has shape"),
+    (dict(mask=np.ones((3, 4, 4), bool)), "block mask has shape"),  # 3 heads for H = 4
+    (dict(mask=np.ones((4,), bool)), "must be an array of shape"),
+    (dict(block=24), "not a multiple of block"),
+    (dict(hkv=3), "not a multiple of 3 key/value heads"),
+    (dict(dtype=jnp.int32), "dtype"),
+    (dict(implementation="cuda"), "implementation must be one of"),
+    (dict(block=8, mask=np.ones((8, 8), bool)), "power-of-two block >= 16"),
+    (dict(d=24), "power-of-two head_dim"),
+    (dict(mask=build_layout(np.ones((4, 4), bool), causal=False)), "rebuild it"),
+])
+def test_bad_input_is_a_clear_error(change, needle):
+    p = dict(mask=np.ones((4, 4), bool), block=16, hkv=2, dtype=jnp.float32,
+             implementation="interpret", d=16)
+    p.update(change)
+    q = jnp.ones((1, 64, 4, p["d"]), p["dtype"])
+    kv = jnp.ones((1, 64, p["hkv"], p["d"]), p["dtype"])
+    with pytest.raises(BlockSparseAttentionError, match=needle):
+        block_sparse_attention(q, kv, kv, p["mask"], block=p["block"],
+                               implementation=p["implementation"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("hkv", [4, 2, 1])
+def test_gpu_kernels_match_the_reference(block, d, hkv):
+    b, t, h = 2, 1024, 4
+    q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=block + d + hkv)
+    mask = _mask(jax.random.key(block + hkv), "per_head", b, h, t // block, 0.4)
+    ours = _grads(q, k, v, mask, do, block, True, "pallas")
+    refs = _reference_grads(q, k, v, mask, do, block, True)
+    for name, a, r in zip(("o", "dq", "dk", "dv"), ours, refs):
+        assert not np.any(np.isnan(np.asarray(a, np.float32))), name
+        assert _relative_error(a, r) < 2e-2, name
+    empty = _empty_rows(mask, b, h, t, block, True)
+    assert np.all(np.asarray(ours[0], np.float32)[empty] == 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", [64, 128])
+def test_gpu_dense_pattern_matches_cudnn(block):
+    b, t, h, hkv, d = 2, 2048, 8, 2, 128
+    q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=block)
+    ours = _grads(q, k, v, causal_block_mask(t // block), do, block, True, "pallas")
+    o, vjp = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn"), q, k, v)
+    for a, r in zip(ours, (o, *vjp(do))):
+        assert _relative_error(a, r) < 2e-2
