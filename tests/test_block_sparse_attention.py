@@ -257,3 +257,15 @@ def test_gpu_dense_pattern_matches_cudnn(block):
         q, k, v, is_causal=True, implementation="cudnn"), q, k, v)
     for a, r in zip(ours, (o, *vjp(do))):
         assert _relative_error(a, r) < 2e-2
+
+
+def test_the_benchmark_runs_on_cpu_in_interpret_mode():
+    from pallas_kernels.block_sparse_attention import bench
+
+    mask = bench.random_causal_mask(0, 16, 0.75)
+    assert np.all(np.diag(mask)) and not np.triu(mask, 1).any()
+    assert mask.sum() == round(0.25 * 16 * 17 / 2)
+    rows = bench.bench_seq(64, 1, 2, 1, 16, [16], [0.5], reps=1, with_xla=True)
+    assert len(rows) == 1 and rows[0]["sparsity"] == pytest.approx(0.5)
+    assert rows[0]["cudnn_fb_ms"] is None  # no cuDNN on CPU
+    assert rows[0]["sparse_fb_ms"] > 0 and rows[0]["xla_fb_ms"] > 0
