@@ -19,6 +19,8 @@ import yaml
 
 from spjax.errors import ConfigError
 from spjax.lowrank.config import LowRankConfig
+from spjax.model import attention_patterns
+from spjax.rules import Rules
 from spjax.sparsity.config import SparsityConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -63,6 +65,40 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionPatternConfig:
+    """Block-sparse attention (pallas_kernels/block_sparse_attention). `rules` give each
+    layer's attention, named `layers/{i}/attn`, a pattern of spjax/model/attention_patterns
+    (first matching regex wins); 'dense' keeps jax.nn.dot_product_attention. Sizes are in
+    tokens, multiples of `block`, and shared by every layer with that pattern."""
+
+    rules: RuleList = ((".*", "dense"),)
+    block: int = 64  # tile of the block mask, in tokens (64 or 128 on GPU)
+    window: int = 0  # sliding_window, global_local, strided, dilated: local window
+    global_tokens: int = 0  # global_local: leading tokens every query sees
+    stride: int = 0  # strided: distance between the strided key blocks
+    dilation: int = 1  # dilated: blocks between kept key blocks
+    path: str = ""  # file: a .npy block mask (T/block, T/block) or (n_heads, ...)
+    kernel: Literal["auto", "pallas", "xla", "interpret"] = "auto"  # auto: Pallas on GPU
+
+    def pattern_for(self, layer: str) -> str:
+        return Rules.from_pairs(self.rules, "model.attention_pattern.rules").lookup(layer)
+
+    def patterns(self, n_layers: int) -> dict[str, str]:
+        return {f"layers/{i}/attn": self.pattern_for(f"layers/{i}/attn")
+                for i in range(n_layers)}
+
+    def validate(self, n_layers: int) -> None:
+        for i, (_, value) in enumerate(self.rules):
+            if value not in attention_patterns.KINDS:
+                raise ConfigError(f"model.attention_pattern.rules[{i}]: pattern must be one of "
+                                  f"{', '.join(attention_patterns.KINDS)}, got {value!r}")
+        self.patterns(n_layers)  # every layer matches a rule
+        if self.block < 16 or self.block & (self.block - 1):
+            raise ConfigError(f"model.attention_pattern.block must be a power of two >= 16, "
+                              f"got {self.block}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny"
     vocab_size: int = 0  # 0: take the tokenizer's vocabulary size from the dataset
@@ -78,6 +114,7 @@ class ModelConfig:
     attention: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN on GPU, XLA elsewhere
     remat: Literal["none", "full", "dots"] = "none"  # activation checkpointing per block
     moe: MoEConfig = MoEConfig()
+    attention_pattern: AttentionPatternConfig = AttentionPatternConfig()
 
     def validate(self) -> None:
         for key in ("d_model", "d_ff", "n_heads", "n_layers"):
@@ -92,6 +129,7 @@ class ModelConfig:
             raise ConfigError(f"model.d_model / model.n_heads must be even for RoPE, got "
                               f"{self.d_model // self.n_heads}")
         self.moe.validate()
+        self.attention_pattern.validate(self.n_layers)
 
     @property
     def head_dim(self) -> int:
@@ -214,9 +252,24 @@ class Config:
         if self.parallel.expert > 1 and not experts:
             raise ConfigError("parallel.expert > 1 needs a mixture-of-experts model "
                               "(model.moe.num_experts > 0)")
+        self._validate_attention_patterns()
         if self.lowrank.method == "galore" and self.sparsity.enabled:
             raise ConfigError("lowrank.method 'galore' projects dense gradients and cannot be "
                               "combined with sparsity.method; use one of them")
+
+
+    def _validate_attention_patterns(self) -> None:
+        """Each pattern in use must fit data.seq_len (window shorter than the sequence...)."""
+        section = self.model.attention_pattern
+        for kind in sorted(set(section.patterns(self.model.n_layers).values()) - {"dense"}):
+            try:
+                attention_patterns.build(
+                    kind, seq_len=self.data.seq_len, block=section.block, window=section.window,
+                    global_tokens=section.global_tokens, stride=section.stride,
+                    dilation=section.dilation, path=section.path, heads=self.model.n_heads)
+            except ConfigError as e:
+                raise ConfigError(f"model.attention_pattern (data.seq_len {self.data.seq_len}):"
+                                  f" {e}") from None
 
 
 # ----------------------------------------------------------------------------- loading

@@ -133,6 +133,18 @@ def build(kind: str, *, seq_len: int, block: int, window: int = 0, global_tokens
     return strided(n, s, w)
 
 
+def pair_density(mask: np.ndarray, block: int) -> float:
+    """Share of the causal (query, key) pairs a block mask lets attend, averaged over leading
+    dimensions: a kept off-diagonal tile has b^2 pairs, a kept diagonal tile b (b + 1) / 2.
+    Attention FLOPs scale with it (dense causal: 1.0)."""
+    n = mask.shape[-1]
+    causal = mask & dense(n)
+    diagonal = np.diagonal(causal, axis1=-2, axis2=-1).sum()
+    pairs = (causal.sum() - diagonal) * block * block + diagonal * block * (block + 1) / 2
+    t = n * block
+    return float(pairs / (t * (t + 1) / 2) / (causal.size // (n * n)))
+
+
 def density(mask: np.ndarray) -> float:
     """Kept tiles over causal tiles (1.0 for dense), averaged over leading dimensions."""
     n = mask.shape[-1]

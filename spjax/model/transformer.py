@@ -1,7 +1,8 @@
 """LLaMA-style decoder-only language model in Flax NNX.
 
 RMSNorm (pre-norm), rotary position embeddings (rotate-half convention of HF LLaMA), SwiGLU
-MLP, causal multi-head attention, untied embedding and LM head, no biases, N(0, 0.02) init.
+MLP, causal multi-head attention (dense, or block-sparse per layer by
+model.attention_pattern), untied embedding and LM head, no biases, N(0, 0.02) init.
 Every projection, the LM head included, comes from the `LinearFactory`, so sparse and
 low-rank structures plug in without touching this file.
 
@@ -19,6 +20,7 @@ from flax import nnx
 
 from spjax import parallel
 from spjax.config import ModelConfig
+from spjax.model import sparse_attention
 from spjax.model.linear import LinearSpec, normal_init
 from spjax.model.moe import MoE
 from spjax.model.structures import LinearFactory, dense_everywhere
@@ -64,6 +66,9 @@ class Attention(nnx.Module):
     def __init__(self, name: str, config: ModelConfig, linear: LinearFactory, rngs: nnx.Rngs):
         d, self.n_heads, self.head_dim = config.d_model, config.n_heads, config.head_dim
         self.implementation = resolve_attention(config)
+        self.name = name
+        self.pattern = config.attention_pattern.pattern_for(name)  # 'dense': cuDNN/XLA
+        self.pattern_config = config.attention_pattern
         self.q = linear(f"{name}/q", d, d, ("embed", "heads"), rngs)
         self.k = linear(f"{name}/k", d, d, ("embed", "heads"), rngs)
         self.v = linear(f"{name}/v", d, d, ("embed", "heads"), rngs)
@@ -75,8 +80,13 @@ class Attention(nnx.Module):
         q_BxTxHxK = apply_rope(split(self.q(x_BxTxD)), cos_TxK, sin_TxK)
         k_BxTxHxK = apply_rope(split(self.k(x_BxTxD)), cos_TxK, sin_TxK)
         v_BxTxHxK = split(self.v(x_BxTxD))
-        out_BxTxHxK = jax.nn.dot_product_attention(
-            q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True, implementation=self.implementation)
+        if self.pattern == "dense":
+            out_BxTxHxK = jax.nn.dot_product_attention(
+                q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True,
+                implementation=self.implementation)
+        else:
+            out_BxTxHxK = sparse_attention.attend(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK,
+                                                  self.pattern, self.pattern_config, self.name)
         return self.o(out_BxTxHxK.reshape(b, t, -1))
 
 

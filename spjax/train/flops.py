@@ -7,6 +7,10 @@ with a causal mask only about half of the T x T scores are computed (cuDNN and f
 skip the rest), so per token and layer the products cost 2 x 2 x d x T / 2 forward, x 3 for the
 training step: 6 x n_layers x d_model x T. This is the conservative count; the PaLM convention
 (no causal halving) would report attention FLOPs twice as large.
+
+Block-sparse attention (model.attention_pattern) computes only the (query, key) pairs its
+pattern keeps: `attention_flops_per_token` scales each layer's count by that share
+(attention_patterns.pair_density). `train_flops_per_token` keeps the dense causal count.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import jax
 
 from spjax.config import ModelConfig
+from spjax.model import attention_patterns
 
 # Dense bf16 tensor-core peak (no structured sparsity), FLOP/s, by device_kind substring.
 PEAK_BF16_FLOPS = {
@@ -42,6 +47,31 @@ def matmul_params(config: ModelConfig) -> int:
 def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     attention = 6 * config.n_layers * config.d_model * seq_len
     return 6 * matmul_params(config) + attention
+
+
+def attention_densities(config: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Per attention layer (layers/{i}/attn), the share of causal (query, key) pairs its
+    pattern computes: 1.0 for dense."""
+    section = config.attention_pattern
+    densities = {}
+    for name, kind in section.patterns(config.n_layers).items():
+        if kind == "dense":
+            densities[name] = 1.0
+            continue
+        mask = attention_patterns.build(
+            kind, seq_len=seq_len, block=section.block, window=section.window,
+            global_tokens=section.global_tokens, stride=section.stride,
+            dilation=section.dilation, path=section.path, heads=config.n_heads)
+        densities[name] = attention_patterns.pair_density(mask, section.block)
+    return densities
+
+
+def attention_flops_per_token(config: ModelConfig, seq_len: int) -> tuple[float, float]:
+    """(computed, dense causal) training FLOPs per token of the attention score and value
+    products, summed over layers."""
+    per_layer = 6 * config.d_model * seq_len
+    densities = attention_densities(config, seq_len)
+    return per_layer * sum(densities.values()), per_layer * config.n_layers
 
 
 def peak_flops_per_device(device: jax.Device | None = None) -> float | None:

@@ -147,6 +147,8 @@ def train(config: Config) -> dict[str, Any]:
     peak = flops_lib.peak_flops_per_device()
     peak_total = peak * mesh.size if peak else None
     n_params = program.model_def.param_count()
+    attention_flops, dense_attention_flops = flops_lib.attention_flops_per_token(
+        config.model, config.data.seq_len)
     if is_main:
         print(f"spjax: model {config.model.name}: {n_params:,} parameters "
               f"({n_params / 1e6:.2f}M); {flops_per_token / 1e9:.3f} GFLOP/token; "
@@ -199,7 +201,8 @@ def train(config: Config) -> dict[str, Any]:
                 elapsed = time.time() - interval_start
                 rate = interval_steps * tokens_per_step / elapsed
                 step_times.append(elapsed / interval_steps)
-                extra = {"tokens_per_s": rate, "tokens": step * tokens_per_step}
+                extra = {"tokens_per_s": rate, "tokens": step * tokens_per_step,
+                         "attention_flops_per_token": attention_flops}
                 if peak_total:
                     extra["mfu"] = rate * flops_per_token / peak_total
                 pending = (step, {**metrics, **extra})
@@ -260,6 +263,11 @@ def train(config: Config) -> dict[str, Any]:
         "devices": mesh.size,
         "device_kind": jax.devices()[0].device_kind,
         "layer_density": program.accounting.layer_densities(state.structure),
+        # block-sparse attention: the score and value products the patterns compute
+        "attention_flops_per_token": attention_flops,
+        "dense_attention_flops_per_token": dense_attention_flops,
+        "attention_flops_vs_dense": attention_flops / dense_attention_flops,
+        "attention_density": flops_lib.attention_densities(config.model, config.data.seq_len),
         "memory": memory_report(program.model_def, layout.abstract),
     }
     if peak_total and summary["tokens_per_s"]:

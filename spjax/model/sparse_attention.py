@@ -1,0 +1,81 @@
+"""Block-sparse attention inside the model: a layer's static pattern (model.attention_pattern)
+-> its block mask and tables, built once per (pattern, sequence length) at trace time, so
+they are constants of the compiled step -> the kernels of pallas_kernels/block_sparse_attention.
+
+The Pallas kernels are opaque to XLA's partitioner, so under a mesh they run inside
+`shard_map`: sequences split over the batch axes, heads over `tensor`, each device attending
+its own shard (attention never mixes sequences or heads). The plain-jnp path ('xla') is left
+to the partitioner like any other op.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from pallas_kernels.block_sparse_attention import (AttentionLayout, BlockSparseAttentionError,
+                                                   block_sparse_attention, build_layout)
+from spjax import parallel
+from spjax.config import AttentionPatternConfig
+from spjax.errors import ConfigError
+from spjax.model import attention_patterns
+
+
+@functools.lru_cache(maxsize=64)
+def block_mask(kind: str, seq_len: int, section: AttentionPatternConfig, heads: int
+               ) -> np.ndarray:
+    """(T/b, T/b) or, for a per-head file, (heads, T/b, T/b) bool."""
+    return attention_patterns.build(kind, seq_len=seq_len, block=section.block,
+                                    window=section.window, global_tokens=section.global_tokens,
+                                    stride=section.stride, dilation=section.dilation,
+                                    path=section.path, heads=heads)
+
+
+@functools.lru_cache(maxsize=64)
+def layout(kind: str, seq_len: int, section: AttentionPatternConfig, heads: int
+           ) -> AttentionLayout:
+    return build_layout(block_mask(kind, seq_len, section, heads))  # numpy tables
+
+
+def resolve_kernel(kernel: str) -> str:
+    """'auto' -> the Pallas kernels on GPU, the plain-jnp reference elsewhere."""
+    if kernel != "auto":
+        return kernel
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def attend(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array, kind: str,
+           section: AttentionPatternConfig, name: str) -> jax.Array:
+    """Causal attention of layer `name` under its pattern `kind`."""
+    t, heads = q_BxTxHxK.shape[1], q_BxTxHxK.shape[2]
+    try:
+        tables = layout(kind, t, section, heads)
+    except ConfigError as e:
+        raise ConfigError(f"layer '{name}' at sequence length {t}: {e}") from None
+    implementation = resolve_kernel(section.kernel)
+    call = functools.partial(block_sparse_attention, block=section.block,
+                             implementation=implementation)
+    try:
+        active = parallel.active()
+        if implementation == "xla" or active is None:
+            return call(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, tables)
+        return _sharded(call, active, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, tables)
+    except BlockSparseAttentionError as e:
+        raise ConfigError(f"layer '{name}': {e}") from None
+
+
+def _sharded(call, active, q, k, v, tables: AttentionLayout) -> jax.Array:
+    mesh, rules = active
+    spec = parallel.logical_to_spec(("batch", None, "heads", None), q.shape, rules, mesh)
+    head_axes = spec[2]
+    table_spec = jax.tree.map(
+        lambda a: P(None, head_axes if a.shape[1] > 1 else None), tables)
+
+    def body(q, k, v, tables):
+        return call(q, k, v, tables)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, table_spec),
+                         out_specs=spec, check_vma=False)(q, k, v, tables)

@@ -1,0 +1,143 @@
+"""Block-sparse attention in the model, through config: per-layer patterns by rules, the
+receptive field a pattern allows, the Pallas kernels (interpret mode) == the reference path,
+sharded (shard_map) == single device, FLOP accounting, and config errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from spjax import parallel
+from spjax.config import load_config
+from spjax.errors import ConfigError
+from spjax.model.transformer import Transformer
+from spjax.train import flops
+
+TINY = ["model=tiny", "model.vocab_size=61", "model.compute_dtype=float32",
+        "model.attention_pattern.block=16", "data.seq_len=64"]
+
+
+def _config(*overrides, rules=None):
+    extra = [f"model.attention_pattern.rules={rules}"] if rules else []
+    return load_config(None, [*TINY, *extra, *overrides])
+
+
+def _tokens(seed=0, shape=(2, 64)):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 61, size=shape))
+
+
+def test_rules_give_each_layer_its_pattern():
+    config = _config("model.attention_pattern.window=32",
+                     rules='[["layers/[02]/attn", sliding_window], [".*", dense]]')
+    model = Transformer(config.model, nnx.Rngs(0))
+    assert [block.attn.pattern for block in model.layers] == ["sliding_window", "dense"] * 2
+
+
+def test_the_default_is_dense_attention():
+    config = load_config(None, ["model=tiny"])
+    assert config.model.attention_pattern.patterns(4) == {f"layers/{i}/attn": "dense"
+                                                          for i in range(4)}
+
+
+def test_a_window_as_long_as_the_sequence_equals_dense_attention():
+    tokens = _tokens()
+    dense = Transformer(_config().model, nnx.Rngs(1))(tokens)
+    full = _config("model.attention_pattern.window=64",
+                   rules='[[".*", sliding_window]]').model
+    model = Transformer(full, nnx.Rngs(1))
+    assert model.layers[0].attn.pattern == "sliding_window"
+    np.testing.assert_allclose(model(tokens), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sliding_window_limits_what_a_one_layer_model_sees():
+    """One layer, window one block (16 tokens): position t sees only its own block."""
+    config = dataclasses.replace(
+        _config("model.attention_pattern.window=16", rules='[[".*", sliding_window]]').model,
+        n_layers=1)
+    model = Transformer(config, nnx.Rngs(2))
+    tokens = _tokens(3, (1, 64))
+    changed = tokens.at[0, 20:24].set((tokens[0, 20:24] + 5) % 61)  # inside block 1
+    a, b = model(tokens), model(changed)
+    np.testing.assert_array_equal(a[:, :20], b[:, :20])  # the past: causal
+    np.testing.assert_array_equal(a[:, 32:], b[:, 32:])  # later blocks: outside the window
+    assert not np.allclose(a[:, 24:32], b[:, 24:32])  # the same block: inside the window
+    dense = dataclasses.replace(_config().model, n_layers=1)
+    da, db = (Transformer(dense, nnx.Rngs(2))(x) for x in (tokens, changed))
+    assert not np.allclose(da[:, 32:], db[:, 32:])  # dense attention does see it
+
+
+def _loss_and_grads(config, tokens):
+    model = Transformer(config, nnx.Rngs(4))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        return jnp.mean(nnx.merge(graphdef, p, rest)(tokens) ** 2)
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_pallas_kernels_in_the_model_match_the_reference_path():
+    rules = '[["layers/0/attn", global_local], ["layers/1/attn", strided], [".*", dense]]'
+    sizes = ["model.attention_pattern.window=16", "model.attention_pattern.global_tokens=16",
+             "model.attention_pattern.stride=32", "model.n_layers=2"]
+    tokens = _tokens(5)
+    ref_loss, ref_grads = _loss_and_grads(_config(*sizes, rules=rules).model, tokens)
+    loss, grads = _loss_and_grads(
+        _config(*sizes, "model.attention_pattern.kernel=interpret", rules=rules).model, tokens)
+    assert abs(float(loss) - float(ref_loss)) < 1e-6 * abs(float(ref_loss))
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_sharded_kernels_equal_single_device():
+    """Under a mesh the kernels run in shard_map: batch over data, heads over tensor."""
+    config = _config("model.attention_pattern.window=32", "model.attention_pattern.kernel="
+                     "interpret", "model.n_layers=1", "parallel.data=4", "parallel.tensor=2",
+                     rules='[[".*", sliding_window]]')
+    model = Transformer(config.model, nnx.Rngs(6))
+    tokens = _tokens(7, (4, 64))
+    single = jax.jit(lambda t: model(t))(tokens)
+    mesh = parallel.make_mesh(config.parallel)
+    rules = parallel.sharding_rules(config.parallel)
+    with parallel.activate(mesh, rules):
+        sharded = jax.jit(lambda t: model(t))(
+            jax.device_put(tokens, parallel.batch_sharding(mesh, rules)))
+    np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_flops_follow_the_patterns():
+    config = _config("model.attention_pattern.window=16",
+                     rules='[["layers/0/attn", sliding_window], [".*", dense]]')
+    densities = flops.attention_densities(config.model, 64)
+    # block 16, 4 blocks, only the diagonal tiles: 4 x 16 x 17 / 2 of 64 x 65 / 2 pairs
+    assert densities["layers/0/attn"] == pytest.approx(4 * 16 * 17 / (64 * 65))
+    assert [densities[f"layers/{i}/attn"] for i in (1, 2, 3)] == [1.0, 1.0, 1.0]
+    computed, dense = flops.attention_flops_per_token(config.model, 64)
+    per_layer = 6 * config.model.d_model * 64
+    assert dense == 4 * per_layer == flops.train_flops_per_token(config.model, 64) \
+        - 6 * flops.matmul_params(config.model)
+    assert computed == pytest.approx(per_layer * (3 + densities["layers/0/attn"]))
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (['model.attention_pattern.rules=[[".*", ring]]'], "pattern must be one of"),
+    (['model.attention_pattern.rules=[[".*", sliding_window]]',
+      "model.attention_pattern.window=128"], "larger than the sequence"),
+    (['model.attention_pattern.rules=[["layers/0/attn", dense]]'], "no rule"),
+    (["model.attention_pattern.block=24"], "power of two"),
+    (['model.attention_pattern.rules=[[".*", file]]',
+      "model.attention_pattern.path=/nonexistent.npy"], "does not exist"),
+])
+def test_bad_patterns_are_config_errors(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        _config(*overrides)
+
+
+def test_a_sequence_the_block_does_not_divide_names_the_layer():
+    config = _config("model.attention_pattern.window=16", rules='[[".*", sliding_window]]')
+    model = Transformer(config.model, nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="layer 'layers/0/attn' at sequence length 40"):
+        model(_tokens(0, (1, 40)))
