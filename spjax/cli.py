@@ -1,4 +1,4 @@
-"""`spjax` command line: train, prepare-data.
+"""`spjax` command line: train, prepare-data, sweep, fit.
 
 User errors (config, data, checkpoint, arguments) print one line `spjax: error: ...` and exit
 with status 2; an interrupted training run exits with 128 + the signal number after saving.
@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     prep.set_defaults(run=_prepare_data)
+
+    from spjax.sweep.commands import add_parsers  # sweep and fit; light imports only
+
+    add_parsers(commands)
     return parser
 
 

@@ -20,3 +20,11 @@ class DataError(SpjaxError):
 
 class CheckpointError(SpjaxError):
     """A checkpoint is corrupt or does not match the run it is restored into."""
+
+
+class SweepError(SpjaxError):
+    """A sweep spec is malformed, or a run directory belongs to a different point."""
+
+
+class FitError(SpjaxError):
+    """A runs table cannot be fitted: missing columns, bad values or too few points."""

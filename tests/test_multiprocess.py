@@ -10,7 +10,6 @@ checkpoint written by two processes resumes in one.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -113,33 +112,7 @@ def test_half_set_launcher_environment_is_a_one_line_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- real SLURM
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """A single-node SLURM on loopback; skipped (with the reason) where it cannot run."""
-    if os.geteuid() != 0:
-        pytest.skip("real SLURM test needs root (it starts munged and slurmd)")
-    installed = all(shutil.which(c) for c in ("slurmctld", "slurmd", "munged", "srun"))
-    if not installed and not shutil.which("apt-get"):
-        pytest.skip("slurm-wlm/munge are not installed and apt-get is not available")
-    directory = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "SLURM_LOCAL_CTLD_PORT": str(_free_port()),
-           "SLURM_LOCAL_SLURMD_PORT": str(_free_port())}
-    start = subprocess.run(["bash", "launch/slurm_local.sh", "start", str(directory)], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=600)
-    if start.returncode != 0 and not installed:
-        pytest.skip(f"could not install or start SLURM: {start.stderr.strip()[-300:]}")
-    assert start.returncode == 0, start.stderr
-    yield {**env, "SLURM_CONF": str(directory / "slurm.conf")}
-    subprocess.run(["bash", "launch/slurm_local.sh", "stop", str(directory)], cwd=ROOT, env=env,
-                   capture_output=True, timeout=120)
+# The `slurm` fixture (a single-node cluster on loopback) lives in conftest.py.
 
 
 def test_sbatch_two_tasks_match_one_process(slurm, single, tmp_path):
