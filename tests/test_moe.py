@@ -15,6 +15,7 @@ from spjax.checkpoint import Checkpointer
 from spjax.config import load_config
 from spjax.errors import ConfigError
 from spjax.model import moe as moe_lib
+from spjax.model.structures import LinearFactory, dense_everywhere
 from spjax.model.transformer import closed_form_param_count
 from spjax.train.state import Program, init_state, state_layout
 from spjax.train.step import make_train_step
@@ -27,15 +28,16 @@ MODEL = ["model=tiny", "model.d_model=32", "model.d_ff=64", "model.n_heads=2",
 
 def _layer(*extra: str) -> moe_lib.MoE:
     config = load_config(None, [*MODEL, *extra]).model
-    return moe_lib.MoE(config, nnx.Rngs(0))
+    linear = LinearFactory(dense_everywhere, config.init_std, jnp.float32, jnp.float32)
+    return moe_lib.MoE("layers/0/moe", config, linear, nnx.Rngs(0))
 
 
 def _reference(layer: moe_lib.MoE, x_NxD: np.ndarray) -> np.ndarray:
     """Per token: softmax router, top-k, renormalized gates, each chosen expert's SwiGLU run
     densely in float64, summed."""
     router = np.asarray(layer.router[...], np.float64)
-    wg, wu, wd = (np.asarray(w[...], np.float64) for w in (layer.w_gate, layer.w_up,
-                                                            layer.w_down))
+    wg, wu, wd = (np.asarray(w.kernel[...], np.float64)
+                  for w in (layer.gate, layer.up, layer.down))
     x = np.asarray(x_NxD, np.float64)
     out = np.zeros_like(x)
     for n in range(x.shape[0]):
@@ -88,9 +90,9 @@ def test_gradients_match_the_reference_gradients():
         out = jnp.zeros_like(xs)
         for k in range(2):
             e = experts[:, k]
-            gate = jnp.einsum("nd,ndf->nf", xs, m.w_gate[...][e])
-            h = jax.nn.silu(gate) * jnp.einsum("nd,ndf->nf", xs, m.w_up[...][e])
-            out = out + gates[:, k:k + 1] * jnp.einsum("nf,nfd->nd", h, m.w_down[...][e])
+            gate = jnp.einsum("nd,ndf->nf", xs, m.gate.kernel[...][e])
+            h = jax.nn.silu(gate) * jnp.einsum("nd,ndf->nf", xs, m.up.kernel[...][e])
+            out = out + gates[:, k:k + 1] * jnp.einsum("nf,nfd->nd", h, m.down.kernel[...][e])
         return jnp.sum(jnp.sin(out))
 
     g1, g2 = jax.grad(ours)(params), jax.grad(reference)(params)
@@ -122,8 +124,8 @@ def test_capacity_drops_overflow_in_priority_order_and_large_capacity_is_droples
 
 
 def _reference_with_keep(layer, x, gates, experts, keep):
-    wg, wu, wd = (np.asarray(w[...], np.float64) for w in (layer.w_gate, layer.w_up,
-                                                            layer.w_down))
+    wg, wu, wd = (np.asarray(w.kernel[...], np.float64)
+                  for w in (layer.gate, layer.up, layer.down))
     out = np.zeros_like(x, dtype=np.float64)
     for n in range(x.shape[0]):
         for k in range(experts.shape[1]):
@@ -171,7 +173,7 @@ def _batches(n):
 def test_parallel_moe_training_equals_single_device(mesh):
     single = Run("parallel.data=1")
     sharded = Run(*mesh, n_devices=8)
-    w = sharded.state.params["layers"][0]["mlp"]["w_gate"]
+    w = sharded.state.params["layers"][0]["moe"]["gate"]["kernel"]
     if "parallel.expert=8" in mesh:
         assert w.sharding.spec[0] == "expert"  # experts really are split over devices
     for tokens in _batches(4):
@@ -202,8 +204,8 @@ def test_checkpoint_saved_on_one_mesh_restores_onto_another(tmp_path):
     b = Run("parallel.expert=2", "parallel.fsdp=2", "parallel.tensor=2", n_devices=8)
     b.state = ckpt.restore(2, b.layout.abstract, iterator, {})
     ckpt.close()
-    restored = b.state.params["layers"][1]["mlp"]["w_up"]
-    assert restored.sharding.spec == b.layout.state.params["layers"][1]["mlp"]["w_up"].spec
+    restored = b.state.params["layers"][1]["moe"]["up"]["kernel"]
+    assert restored.sharding.spec == b.layout.state.params["layers"][1]["moe"]["up"]["kernel"].spec
     for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     for tokens in batches[2:]:  # and both continue identically

@@ -39,6 +39,7 @@ from pallas_kernels.grouped_gemm import kernel as grouped_gemm_kernel
 from spjax import parallel
 from spjax.config import ModelConfig
 from spjax.model.linear import normal_init
+from spjax.model.structures import LinearFactory
 
 Stats = dict[str, jax.Array]
 
@@ -169,7 +170,7 @@ def _all_to_all_experts(x_NxD, experts_NxK, gates_NxK, w_gate, w_up, w_down, *, 
 
 
 class MoE(nnx.Module):
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, name: str, config: ModelConfig, linear: LinearFactory, rngs: nnx.Rngs):
         moe = config.moe
         d, f, e = config.d_model, moe.d_expert or config.d_ff, moe.num_experts
         dt = jnp.dtype(config.param_dtype)
@@ -178,12 +179,10 @@ class MoE(nnx.Module):
         self.compute_dtype = jnp.dtype(config.compute_dtype)
         self.gemm = moe.grouped_gemm  # resolved per call: see grouped_swiglu
         self.router = nnx.Param(init(rngs.params(), (d, e), dt), axes=("embed", None))
-        self.w_gate = nnx.Param(init(rngs.params(), (e, d, f), dt),
-                                axes=("experts", "embed", "mlp"))
-        self.w_up = nnx.Param(init(rngs.params(), (e, d, f), dt),
-                              axes=("experts", "embed", "mlp"))
-        self.w_down = nnx.Param(init(rngs.params(), (e, f, d), dt),
-                                axes=("experts", "mlp", "embed"))
+        # expert stacks through the factory: sparsity rules reach them like any linear
+        self.gate = linear.experts(f"{name}/gate", e, d, f, ("experts", "embed", "mlp"), rngs)
+        self.up = linear.experts(f"{name}/up", e, d, f, ("experts", "embed", "mlp"), rngs)
+        self.down = linear.experts(f"{name}/down", e, f, d, ("experts", "mlp", "embed"), rngs)
         if moe.shared_expert:
             self.shared_gate = nnx.Param(init(rngs.params(), (d, f), dt), axes=("embed", "mlp"))
             self.shared_up = nnx.Param(init(rngs.params(), (d, f), dt), axes=("embed", "mlp"))
@@ -192,7 +191,8 @@ class MoE(nnx.Module):
     def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, Stats]:
         b, t, d = x_BxTxD.shape
         x_NxD = x_BxTxD.reshape(b * t, d).astype(self.compute_dtype)
-        weights = (self.router[...], self.w_gate[...], self.w_up[...], self.w_down[...])
+        weights = (self.router[...], self.gate.effective(), self.up.effective(),
+                   self.down.effective())
         active = parallel.active()
         if active is None:
             y, stats = self._local(x_NxD, *weights)

@@ -14,6 +14,7 @@ from flax import nnx
 
 from spjax.errors import ConfigError
 from spjax.model.blocksparse import BlockSparseLinear
+from spjax.model.experts import ExpertWeights, MaskedExpertWeights
 from spjax.model.linear import Axes, DenseLinear, LinearSpec, MaskedLinear
 from spjax.model.lowrank import (LOSTLinear, LowRankLinear, ReLoRALinear, SLTrainLinear,
                                  SSTLinear)
@@ -23,6 +24,11 @@ STRUCTURES: dict[str, type[nnx.Module]] = {
     "dense": DenseLinear, "masked": MaskedLinear, "blocksparse": BlockSparseLinear,
     "lowrank": LowRankLinear,
     "sltrain": SLTrainLinear, "relora": ReLoRALinear, "lost": LOSTLinear, "sst": SSTLinear}
+
+
+# the MoE expert stacks' classes, named for reports (memory per structure)
+EXPERT_STRUCTURES: dict[str, type[nnx.Module]] = {
+    "experts": ExpertWeights, "masked_experts": MaskedExpertWeights}
 
 
 def dense_everywhere(name: str) -> LinearSpec:
@@ -49,3 +55,20 @@ class LinearFactory:
                        out_dtype=out_dtype or self.compute_dtype, rngs=rngs, spec=spec)
         except ConfigError as e:  # structures cannot know their layer's name: add it
             raise ConfigError(f"layer '{name}': {str(e).splitlines()[0]}") from None
+
+    def experts(self, name: str, experts: int, d_in: int, d_out: int, axes: Axes,
+                rngs: nnx.Rngs) -> ExpertWeights:
+        """An MoE layer's stack of `experts` weights, dense or masked by `assign(name)`.
+        Block-sparse specs give a masked stack: the grouped GEMMs have no block-sparse form,
+        so block masks are applied to the weights (the tables of the dense layers' kernels
+        do not apply here)."""
+        spec = self.assign(name)
+        kwargs = dict(axes=axes, init_std=self.init_std, param_dtype=self.param_dtype,
+                      rngs=rngs)
+        if spec.structure == "dense":
+            return ExpertWeights(experts, d_in, d_out, **kwargs)
+        if spec.structure in ("masked", "blocksparse"):
+            return MaskedExpertWeights(experts, d_in, d_out, **kwargs)
+        raise ConfigError(f"layer '{name}': expert weights cannot take the low-rank structure "
+                          f"'{spec.structure}' yet; leave MoE experts out of lowrank.rules "
+                          f"(names like 'layers/0/moe/gate')")

@@ -109,7 +109,11 @@ class Block(nnx.Module):
         self.attn = Attention(f"{name}/attn", config, linear, rngs)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, param_dtype)
         self.is_moe = moe
-        self.mlp = MoE(config, rngs) if moe else SwiGLU(f"{name}/mlp", config, linear, rngs)
+        # 'moe' or 'mlp': the layer names ('layers/3/moe/gate') say which one rules match
+        if moe:
+            self.moe = MoE(f"{name}/moe", config, linear, rngs)
+        else:
+            self.mlp = SwiGLU(f"{name}/mlp", config, linear, rngs)
 
     def __call__(self, x_BxTxD: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -117,7 +121,7 @@ class Block(nnx.Module):
         x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), cos_TxK, sin_TxK)
         aux: dict[str, jax.Array] = {}
         if self.is_moe:
-            out, aux = self.mlp(self.mlp_norm(x_BxTxD))
+            out, aux = self.moe(self.mlp_norm(x_BxTxD))
         else:
             out = self.mlp(self.mlp_norm(x_BxTxD))
         x_BxTxD = x_BxTxD + out

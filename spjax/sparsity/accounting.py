@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -28,13 +29,21 @@ class Accounting:
     matmul_params: int  # dense count of parameters in matmuls (all linear layers)
     attention_flops_per_token: float
     engine: SparsityEngine | None
+    # share of tokens each expert of an (E, I, O) stack multiplies: top_k / E (balanced
+    # routing, as train/flops.py counts the dense model)
+    expert_fraction: float = 1.0
 
     @classmethod
     def build(cls, config: ModelConfig, seq_len: int, total_params: int,
               engine: SparsityEngine | None) -> Accounting:
         attention = flops_lib.train_flops_per_token(config, seq_len) \
             - 6 * flops_lib.matmul_params(config)
-        return cls(total_params, flops_lib.matmul_params(config), attention, engine)
+        fraction = config.moe.top_k / config.moe.num_experts if config.moe.num_experts else 1.0
+        return cls(total_params, flops_lib.matmul_params(config), attention, engine, fraction)
+
+    def _per_token(self, layer) -> float:
+        """How many times per token a weight of `layer` is used in the forward."""
+        return self.expert_fraction if len(layer.shape) == 3 else 1.0
 
     @property
     def dense_flops_per_token(self) -> float:
@@ -45,11 +54,17 @@ class Accounting:
         if self.engine is None:
             return {"nonzero_params": jnp.float32(self.total_params),
                     "flops_per_token": jnp.float32(self.dense_flops_per_token)}
-        kept = sum(self.engine.nonzero_counts(structure).values()).astype(jnp.float32)
+        counts = self.engine.nonzero_counts(structure)
+        kept = sum(counts.values()).astype(jnp.float32)
         masked = self.engine.masked_size
-        dense_linear = self.matmul_params - masked
-        weight_grad = masked if self.engine.dense_weight_gradient else kept
-        flops = 2 * (dense_linear + kept) * 2 + 2 * (dense_linear + weight_grad)
+        # matmul work per token: expert weights count top_k / E of their size
+        kept_used = sum(counts[layer.name].astype(jnp.float32) * self._per_token(layer)
+                        for layer in self.engine.layers)
+        masked_used = sum(math.prod(layer.shape) * self._per_token(layer)
+                          for layer in self.engine.layers)
+        dense_linear = self.matmul_params - masked_used
+        weight_grad = masked_used if self.engine.dense_weight_gradient else kept_used
+        flops = 2 * (dense_linear + kept_used) * 2 + 2 * (dense_linear + weight_grad)
         return {"nonzero_params": self.total_params - masked + kept,
                 "flops_per_token": flops + self.attention_flops_per_token}
 
@@ -75,5 +90,5 @@ class Accounting:
         if self.engine is None:
             return {}
         counts = jax.device_get(self.engine.nonzero_counts(structure))
-        return {layer.name: int(counts[layer.name]) / (layer.shape[0] * layer.shape[1])
+        return {layer.name: int(counts[layer.name]) / math.prod(layer.shape)
                 for layer in self.engine.layers}

@@ -85,7 +85,7 @@ class SPDFConfig:
 
 
 DEFAULT_LAYER_RULES: RuleList = (
-    (".*/(attn|mlp)/.*", "sparse"),  # attention and MLP projections
+    (".*/(attn|mlp|moe)/.*", "sparse"),  # attention, MLP and expert projections
     (".*", "dense"),  # LM head (embeddings and norms are not linear layers: always dense)
 )
 

@@ -133,7 +133,8 @@ class SparsityEngine:
     def init(self, params: Any, structure: Any, key: jax.Array) -> tuple[Any, Any]:
         for i, layer in enumerate(self.layers):
             kernel = get_path(params, layer.path)["kernel"]
-            mask = self.method.init(layer, kernel, jax.random.fold_in(key, i))
+            mask = from_matrix(self.method.init(layer, as_matrix(kernel),
+                                                jax.random.fold_in(key, i)), kernel.shape)
             structure = self._set_mask(structure, layer, mask)
             if self.method.hard:
                 params = set_path(params, layer.path + ("kernel",),
@@ -179,9 +180,10 @@ class SparsityEngine:
             for i, layer in enumerate(self.layers):
                 kernel = get_path(params, layer.path)["kernel"]
                 old = get_path(structure, layer.path)["mask"]
-                new = self.method.update(t, layer, kernel, old,
-                                         get_path(grads, layer.path)["kernel"],
-                                         jax.random.fold_in(key, i))
+                new = from_matrix(self.method.update(
+                    t, layer, as_matrix(kernel), as_matrix(old),
+                    as_matrix(get_path(grads, layer.path)["kernel"]),
+                    jax.random.fold_in(key, i)), old.shape)
                 structure = self._set_mask(structure, layer, new)
                 if self.method.hard:
                     # regrown weights (new but not old) restart from zero, like pruned ones
@@ -223,8 +225,33 @@ def _name(path: tuple[Any, ...]) -> str:
     return "/".join(str(p) for p in path)
 
 
+def as_matrix(x: jax.Array) -> jax.Array:
+    """The 2-D view the methods work on. A stack of experts (E, I, O) is seen as the I x (E O)
+    matrix of its experts side by side: N:M groups run along each expert's input dimension,
+    and b x b blocks stay inside one expert when b divides O."""
+    if x.ndim == 2:
+        return x
+    experts, d_in, d_out = x.shape
+    return jnp.moveaxis(x, 0, 1).reshape(d_in, experts * d_out)
+
+
+def from_matrix(x_IxEO: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    if len(shape) == 2:
+        return x_IxEO
+    experts, d_in, d_out = shape
+    return jnp.moveaxis(x_IxEO.reshape(d_in, experts, d_out), 1, 0)
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    return (shape[0], shape[1]) if len(shape) == 2 else (shape[1], shape[0] * shape[2])
+
+
 def _units(config: SparsityConfig, name: str, shape: tuple[int, ...]) -> int:
-    d_in, d_out = shape
+    if len(shape) == 3 and config.pattern == "block" and shape[2] % config.block:
+        raise ConfigError(f"sparsity.block {config.block} does not divide the expert width "
+                          f"{shape[2]} of layer '{name}'; choose a block that divides it or "
+                          f"mark the experts dense in sparsity.rules")
+    d_in, d_out = matrix_shape(shape)
     if config.pattern == "block":
         b = config.block
         if d_in % b or d_out % b:

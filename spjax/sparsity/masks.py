@@ -85,9 +85,10 @@ def is_nm_valid(mask_IxO: jax.Array, n: int, m: int) -> jax.Array:
 def erk_densities(shapes: Mapping[str, Sequence[int]], density: float) -> dict[str, float]:
     """Erdos-Renyi-Kernel densities: d_l = eps * (sum of dims)/(product of dims), eps chosen so
     the total non-zeros equal density x total; a layer that would exceed 1 is made dense and
-    eps recomputed over the rest (repeated until none exceeds 1)."""
+    eps recomputed over the rest (repeated until none exceeds 1). A stack of experts
+    (E, I, O) is E layers of I x O: its ratio is (I + O)/(I O), its size E I O."""
     sizes = {name: math.prod(shape) for name, shape in shapes.items()}
-    raw = {name: sum(shape) / sizes[name] for name, shape in shapes.items()}
+    raw = {name: sum(shape[-2:]) / math.prod(shape[-2:]) for name, shape in shapes.items()}
     total = sum(sizes.values())
     dense: set[str] = set()
     while True:

@@ -17,6 +17,7 @@ selects within groups. See masks.py for the exact selections.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -40,7 +41,7 @@ class SparseLayer:
 
     @property
     def kept_weights(self) -> int:
-        return self.keep * (self.shape[0] * self.shape[1] // self.units)
+        return self.keep * (math.prod(self.shape) // self.units)
 
 
 @dataclasses.dataclass(frozen=True)

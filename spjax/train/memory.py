@@ -19,7 +19,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from spjax.model.structures import STRUCTURES
+from spjax.model.structures import EXPERT_STRUCTURES, STRUCTURES
 from spjax.train.state import ModelDef, TrainState
 
 COLUMNS = ("layers", "trainable_params", "param_bytes", "structure_bytes", "optimizer_bytes")
@@ -36,7 +36,7 @@ def _paths(tree: Any) -> list[tuple[tuple[Any, ...], Any]]:
 
 def structure_groups(model_def: ModelDef) -> dict[tuple[Any, ...], str]:
     """Module path -> structure name, for every linear layer of the model."""
-    names = {cls: name for name, cls in STRUCTURES.items()}
+    names = {cls: name for name, cls in {**STRUCTURES, **EXPERT_STRUCTURES}.items()}
     model = nnx.eval_shape(lambda: model_def.create(0))
     groups = {}
     for path, node in nnx.iter_graph(model):
@@ -87,11 +87,12 @@ def memory_report(model_def: ModelDef, abstract: TrainState) -> dict[str, dict[s
 
 def format_report(report: dict[str, dict[str, int]]) -> str:
     mib = lambda n: f"{n / 2**20:,.1f}"  # noqa: E731
-    lines = [f"{'structure':<10} {'layers':>6} {'trainable':>14} {'params MiB':>11} "
+    width = max(10, *(len(name) for name in report))
+    lines = [f"{'structure':<{width}} {'layers':>6} {'trainable':>14} {'params MiB':>11} "
              f"{'structure MiB':>14} {'optimizer MiB':>14} {'total MiB':>10}"]
     for name, row in report.items():
         total = row["param_bytes"] + row["structure_bytes"] + row["optimizer_bytes"]
-        lines.append(f"{name:<10} {row['layers']:>6} {row['trainable_params']:>14,} "
+        lines.append(f"{name:<{width}} {row['layers']:>6} {row['trainable_params']:>14,} "
                      f"{mib(row['param_bytes']):>11} {mib(row['structure_bytes']):>14} "
                      f"{mib(row['optimizer_bytes']):>14} {mib(total):>10}")
     return "\n".join(lines)
