@@ -77,7 +77,7 @@ class AttentionPatternConfig:
     global_tokens: int = 0  # global_local: leading tokens every query sees
     stride: int = 0  # strided: distance between the strided key blocks
     dilation: int = 1  # dilated: blocks between kept key blocks
-    path: str = ""  # file: a .npy block mask (T/block, T/block) or (n_heads, ...)
+    path: str = ""  # file: a .npy block mask (T/block, T/block) or (query heads, ...)
     kernel: Literal["auto", "pallas", "xla", "interpret"] = "auto"  # auto: Pallas on GPU
 
     def pattern_for(self, layer: str) -> str:
@@ -104,7 +104,12 @@ class ModelConfig:
     vocab_size: int = 0  # 0: take the tokenizer's vocabulary size from the dataset
     d_model: int = 128
     d_ff: int = 352
-    n_heads: int = 4
+    n_heads: int = 4  # sets head_dim = d_model / n_heads
+    # Grouped-query attention: key/value heads (0: as many as the query heads); 1 is MQA
+    n_kv_heads: int = 0
+    # Sparse Query Attention: query heads (0: n_heads); fewer cut the attention FLOPs, with
+    # head_dim kept, so q and o shrink to d_model x n_q_heads * head_dim (docs/ATTENTION.md)
+    n_q_heads: int = 0
     n_layers: int = 4
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
@@ -128,12 +133,42 @@ class ModelConfig:
         if (self.d_model // self.n_heads) % 2:
             raise ConfigError(f"model.d_model / model.n_heads must be even for RoPE, got "
                               f"{self.d_model // self.n_heads}")
+        self._validate_heads()
         self.moe.validate()
         self.attention_pattern.validate(self.n_layers)
+
+    def _validate_heads(self) -> None:
+        for key in ("n_kv_heads", "n_q_heads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.{key} must be >= 0 (0 = default), got "
+                                  f"{getattr(self, key)}")
+        if self.n_q_heads > self.n_heads:
+            raise ConfigError(f"model.n_q_heads ({self.n_q_heads}) is more query heads than "
+                              f"allowed: at most model.n_heads ({self.n_heads}), since head_dim "
+                              f"= d_model / n_heads; lower model.n_q_heads or raise n_heads")
+        q_key = "model.n_q_heads" if self.n_q_heads else "model.n_heads"
+        if self.kv_heads > self.q_heads:
+            raise ConfigError(f"model.n_kv_heads ({self.n_kv_heads}) is more than the "
+                              f"{self.q_heads} query heads ({q_key}); set n_kv_heads <= "
+                              f"{self.q_heads}")
+        if self.q_heads % self.kv_heads:
+            raise ConfigError(f"{q_key} ({self.q_heads}) must be a multiple of model.n_kv_heads "
+                              f"({self.n_kv_heads}) for grouped-query attention; choose "
+                              f"n_kv_heads dividing {self.q_heads}")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def q_heads(self) -> int:
+        """Query heads: n_q_heads, or n_heads by default."""
+        return self.n_q_heads or self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or as many as the query heads by default."""
+        return self.n_kv_heads or self.q_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,10 +288,26 @@ class Config:
             raise ConfigError("parallel.expert > 1 needs a mixture-of-experts model "
                               "(model.moe.num_experts > 0)")
         self._validate_attention_patterns()
+        self._validate_head_sharding()
         if self.lowrank.method == "galore" and self.sparsity.enabled:
             raise ConfigError("lowrank.method 'galore' projects dense gradients and cannot be "
                               "combined with sparsity.method; use one of them")
 
+    def _validate_head_sharding(self) -> None:
+        """Heads split over `tensor` (logical axis 'heads') need whole key/value heads per
+        shard: the query heads of a shard must find their key/value heads on it."""
+        tensor = self.parallel.tensor
+        target = Rules.from_pairs(self.parallel.rules, source="parallel.rules").lookup(
+            "heads", None)
+        if tensor <= 1 or "tensor" not in ((target,) if isinstance(target, str)
+                                           else tuple(target or ())):
+            return
+        if self.model.kv_heads % tensor:
+            key = "model.n_kv_heads" if self.model.n_kv_heads else (
+                "model.n_q_heads" if self.model.n_q_heads else "model.n_heads")
+            raise ConfigError(f"{key} gives {self.model.kv_heads} key/value heads, not divisible "
+                              f"by parallel.tensor ({tensor}) that splits the heads; use a "
+                              f"multiple of {tensor} key/value heads or a smaller parallel.tensor")
 
     def _validate_attention_patterns(self) -> None:
         """Each pattern in use must fit data.seq_len (window shorter than the sequence...)."""
@@ -266,7 +317,7 @@ class Config:
                 attention_patterns.build(
                     kind, seq_len=self.data.seq_len, block=section.block, window=section.window,
                     global_tokens=section.global_tokens, stride=section.stride,
-                    dilation=section.dilation, path=section.path, heads=self.model.n_heads)
+                    dilation=section.dilation, path=section.path, heads=self.model.q_heads)
             except ConfigError as e:
                 raise ConfigError(f"model.attention_pattern (data.seq_len {self.data.seq_len}):"
                                   f" {e}") from None

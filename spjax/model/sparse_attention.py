@@ -4,8 +4,10 @@ they are constants of the compiled step -> the kernels of pallas_kernels/block_s
 
 The Pallas kernels are opaque to XLA's partitioner, so under a mesh they run inside
 `shard_map`: sequences split over the batch axes, heads over `tensor`, each device attending
-its own shard (attention never mixes sequences or heads). The plain-jnp path ('xla') is left
-to the partitioner like any other op.
+its own shard (attention never mixes sequences or heads). With grouped key/value heads the
+shards of q and k/v line up, because query head h reads key/value head h // (H / G) and both
+head counts are divisible by the tensor size (checked in config). The plain-jnp path ('xla')
+is left to the partitioner like any other op.
 """
 
 from __future__ import annotations
@@ -70,12 +72,17 @@ def attend(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array, kin
 def _sharded(call, active, q, k, v, tables: AttentionLayout) -> jax.Array:
     mesh, rules = active
     spec = parallel.logical_to_spec(("batch", None, "heads", None), q.shape, rules, mesh)
+    kv_spec = parallel.logical_to_spec(("batch", None, "heads", None), k.shape, rules, mesh)
     head_axes = spec[2]
+    if kv_spec != spec:  # a shard's query heads must find their key/value heads on it
+        raise ConfigError(f"{q.shape[2]} query heads split as {spec} but {k.shape[2]} "
+                          f"key/value heads as {kv_spec}; use a number of key/value heads "
+                          f"(model.n_kv_heads) divisible by parallel.tensor")
     table_spec = jax.tree.map(
         lambda a: P(None, head_axes if a.shape[1] > 1 else None), tables)
 
     def body(q, k, v, tables):
         return call(q, k, v, tables)
 
-    return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, table_spec),
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec, kv_spec, kv_spec, table_spec),
                          out_specs=spec, check_vma=False)(q, k, v, tables)

@@ -1,13 +1,14 @@
 """LLaMA-style decoder-only language model in Flax NNX.
 
 RMSNorm (pre-norm), rotary position embeddings (rotate-half convention of HF LLaMA), SwiGLU
-MLP, causal multi-head attention (dense, or block-sparse per layer by
-model.attention_pattern), untied embedding and LM head, no biases, N(0, 0.02) init.
+MLP, causal attention with optional grouped-query (model.n_kv_heads) and sparse-query
+(model.n_q_heads) heads, dense or block-sparse per layer by model.attention_pattern, untied
+embedding and LM head, no biases, N(0, 0.02) init.
 Every projection, the LM head included, comes from the `LinearFactory`, so sparse and
 low-rank structures plug in without touching this file.
 
-Shapes are suffixed on names where they matter: B batch, T sequence, D model, H heads,
-K head dim, F MLP hidden, V vocabulary.
+Shapes are suffixed on names where they matter: B batch, T sequence, D model, H query heads,
+G key/value heads, K head dim, F MLP hidden, V vocabulary.
 """
 
 from __future__ import annotations
@@ -64,28 +65,32 @@ def apply_rope(x_BxTxHxK: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array) -> 
 
 class Attention(nnx.Module):
     def __init__(self, name: str, config: ModelConfig, linear: LinearFactory, rngs: nnx.Rngs):
-        d, self.n_heads, self.head_dim = config.d_model, config.n_heads, config.head_dim
+        d, self.head_dim = config.d_model, config.head_dim
+        # H query heads (n_q_heads, SQA; n_heads by default), G key/value heads (GQA/MQA)
+        self.q_heads, self.kv_heads = config.q_heads, config.kv_heads
         self.implementation = resolve_attention(config)
         self.name = name
         self.pattern = config.attention_pattern.pattern_for(name)  # 'dense': cuDNN/XLA
         self.pattern_config = config.attention_pattern
-        self.q = linear(f"{name}/q", d, d, ("embed", "heads"), rngs)
-        self.k = linear(f"{name}/k", d, d, ("embed", "heads"), rngs)
-        self.v = linear(f"{name}/v", d, d, ("embed", "heads"), rngs)
-        self.o = linear(f"{name}/o", d, d, ("heads", "embed"), rngs)
+        q_width, kv_width = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
+        self.q = linear(f"{name}/q", d, q_width, ("embed", "heads"), rngs)
+        self.k = linear(f"{name}/k", d, kv_width, ("embed", "heads"), rngs)
+        self.v = linear(f"{name}/v", d, kv_width, ("embed", "heads"), rngs)
+        self.o = linear(f"{name}/o", q_width, d, ("heads", "embed"), rngs)
 
     def __call__(self, x_BxTxD: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array) -> jax.Array:
         b, t, _ = x_BxTxD.shape
-        split = lambda y: y.reshape(b, t, self.n_heads, self.head_dim)  # noqa: E731
-        q_BxTxHxK = apply_rope(split(self.q(x_BxTxD)), cos_TxK, sin_TxK)
-        k_BxTxHxK = apply_rope(split(self.k(x_BxTxD)), cos_TxK, sin_TxK)
-        v_BxTxHxK = split(self.v(x_BxTxD))
+        split = lambda y, heads: y.reshape(b, t, heads, self.head_dim)  # noqa: E731
+        q_BxTxHxK = apply_rope(split(self.q(x_BxTxD), self.q_heads), cos_TxK, sin_TxK)
+        k_BxTxGxK = apply_rope(split(self.k(x_BxTxD), self.kv_heads), cos_TxK, sin_TxK)
+        v_BxTxGxK = split(self.v(x_BxTxD), self.kv_heads)
+        # query head h reads key/value head h // (H / G), in both paths
         if self.pattern == "dense":
             out_BxTxHxK = jax.nn.dot_product_attention(
-                q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, is_causal=True,
+                q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, is_causal=True,
                 implementation=self.implementation)
         else:
-            out_BxTxHxK = sparse_attention.attend(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK,
+            out_BxTxHxK = sparse_attention.attend(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK,
                                                   self.pattern, self.pattern_config, self.name)
         return self.o(out_BxTxHxK.reshape(b, t, -1))
 
@@ -180,15 +185,23 @@ class Transformer(nnx.Module):
         return self.lm_head(self.final_norm(x_BxTxD)), aux
 
 
+def attention_params(config: ModelConfig) -> int:
+    """Attention projections of one layer: q d x H k, k and v d x G k each, o H k x d
+    (H query heads, G key/value heads, k head_dim); 4d^2 with the defaults."""
+    d, q_width = config.d_model, config.q_heads * config.head_dim
+    return 2 * d * q_width + 2 * d * config.kv_heads * config.head_dim
+
+
 def closed_form_param_count(config: ModelConfig) -> int:
-    """Parameters: per layer 4d^2 + 2d and an MLP of 3df (dense) or, for MoE layers,
-    E 3 d f_e + d E (router) [+ 3 d f_e shared]; plus 2Vd + d."""
+    """Parameters: per layer the attention projections (`attention_params`, 4d^2 by default)
+    + 2d and an MLP of 3df (dense) or, for MoE layers, E 3 d f_e + d E (router)
+    [+ 3 d f_e shared]; plus 2Vd + d."""
     d, f, v, n = config.d_model, config.d_ff, config.vocab_size, config.n_layers
     moe = config.moe
     f_e = moe.d_expert or f
     total = 2 * v * d + d
     for i in range(n):
-        total += 4 * d * d + 2 * d
+        total += attention_params(config) + 2 * d
         if moe.is_moe_layer(i):
             total += moe.num_experts * 3 * d * f_e + d * moe.num_experts
             total += 3 * d * f_e if moe.shared_expert else 0

@@ -4,9 +4,11 @@ Per token, a training step costs 6 x (parameters that take part in a matmul) -- 
 backward 4 -- plus attention's score and value products. The embedding table is a gather, not a
 matmul, and norm scales are elementwise, so neither counts. Attention is counted causally:
 with a causal mask only about half of the T x T scores are computed (cuDNN and flash kernels
-skip the rest), so per token and layer the products cost 2 x 2 x d x T / 2 forward, x 3 for the
-training step: 6 x n_layers x d_model x T. This is the conservative count; the PaLM convention
-(no causal halving) would report attention FLOPs twice as large.
+skip the rest), so per token and layer the products cost 2 x 2 x Hk x T / 2 forward, x 3 for
+the training step: 6 x n_layers x Hk x T, where Hk = query heads x head_dim is d_model by
+default and smaller with sparse-query attention (model.n_q_heads); grouped key/value heads
+(model.n_kv_heads) change only the k and v projections. This is the conservative count; the
+PaLM convention (no causal halving) would report attention FLOPs twice as large.
 
 Block-sparse attention (model.attention_pattern) computes only the (query, key) pairs its
 pattern keeps: `attention_flops_per_token` scales each layer's count by that share
@@ -29,13 +31,15 @@ PEAK_BF16_FLOPS = {
 
 
 def matmul_params(config: ModelConfig) -> int:
-    """Parameters one token multiplies by: attention, the MLP (for MoE layers the router and
-    the top-k experts it is routed to, plus the shared expert), and the LM head."""
+    """Parameters one token multiplies by: attention (q d x Hk, k and v d x Gk, o Hk x d with
+    H query and G key/value heads of k; 4d^2 by default), the MLP (for MoE layers the router
+    and the top-k experts it is routed to, plus the shared expert), and the LM head."""
     d, f, moe = config.d_model, config.d_ff, config.moe
     f_e = moe.d_expert or f
+    attention = 2 * d * query_width(config) + 2 * d * config.kv_heads * config.head_dim
     total = d * config.vocab_size  # LM head
     for i in range(config.n_layers):
-        total += 4 * d * d
+        total += attention
         if moe.is_moe_layer(i):
             total += d * moe.num_experts + moe.top_k * 3 * d * f_e
             total += 3 * d * f_e if moe.shared_expert else 0
@@ -44,8 +48,13 @@ def matmul_params(config: ModelConfig) -> int:
     return total
 
 
+def query_width(config: ModelConfig) -> int:
+    """Query heads x head_dim: d_model unless sparse-query attention drops query heads."""
+    return config.q_heads * config.head_dim
+
+
 def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    attention = 6 * config.n_layers * config.d_model * seq_len
+    attention = 6 * config.n_layers * query_width(config) * seq_len
     return 6 * matmul_params(config) + attention
 
 
@@ -61,7 +70,7 @@ def attention_densities(config: ModelConfig, seq_len: int) -> dict[str, float]:
         mask = attention_patterns.build(
             kind, seq_len=seq_len, block=section.block, window=section.window,
             global_tokens=section.global_tokens, stride=section.stride,
-            dilation=section.dilation, path=section.path, heads=config.n_heads)
+            dilation=section.dilation, path=section.path, heads=config.q_heads)
         densities[name] = attention_patterns.pair_density(mask, section.block)
     return densities
 
@@ -69,7 +78,7 @@ def attention_densities(config: ModelConfig, seq_len: int) -> dict[str, float]:
 def attention_flops_per_token(config: ModelConfig, seq_len: int) -> tuple[float, float]:
     """(computed, dense causal) training FLOPs per token of the attention score and value
     products, summed over layers."""
-    per_layer = 6 * config.d_model * seq_len
+    per_layer = 6 * query_width(config) * seq_len
     densities = attention_densities(config, seq_len)
     return per_layer * sum(densities.values()), per_layer * config.n_layers
 
