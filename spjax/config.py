@@ -294,19 +294,18 @@ class Config:
                               "combined with sparsity.method; use one of them")
 
     def _validate_head_sharding(self) -> None:
-        """Heads split over `tensor` (logical axis 'heads') need whole key/value heads per
-        shard: the query heads of a shard must find their key/value heads on it."""
-        tensor = self.parallel.tensor
+        """Grouped key/value heads split over `tensor` (logical axis 'heads') must be whole
+        heads per shard: the query heads of a shard must find their key/value heads on it.
+        (Without grouping q, k and v split alike, as they always have.)"""
+        model, tensor = self.model, self.parallel.tensor
         target = Rules.from_pairs(self.parallel.rules, source="parallel.rules").lookup(
             "heads", None)
         if tensor <= 1 or "tensor" not in ((target,) if isinstance(target, str)
                                            else tuple(target or ())):
             return
-        if self.model.kv_heads % tensor:
-            key = "model.n_kv_heads" if self.model.n_kv_heads else (
-                "model.n_q_heads" if self.model.n_q_heads else "model.n_heads")
-            raise ConfigError(f"{key} gives {self.model.kv_heads} key/value heads, not divisible "
-                              f"by parallel.tensor ({tensor}) that splits the heads; use a "
+        if model.kv_heads < model.q_heads and model.kv_heads % tensor:
+            raise ConfigError(f"model.n_kv_heads ({model.n_kv_heads}) must be divisible by "
+                              f"parallel.tensor ({tensor}), which splits the heads; use a "
                               f"multiple of {tensor} key/value heads or a smaller parallel.tensor")
 
     def _validate_attention_patterns(self) -> None:

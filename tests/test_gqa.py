@@ -140,8 +140,8 @@ def test_sparse_query_attention_flops_scale_with_query_heads():
     (["model.n_q_heads=2", "model.n_kv_heads=4"], r"model.n_kv_heads \(4\) is more than"),
     (["model.n_q_heads=3", "model.n_kv_heads=2"], "model.n_q_heads .3. must be a multiple"),
     (["model.n_kv_heads=-1"], "model.n_kv_heads must be >= 0"),
-    (["model.n_kv_heads=1", "parallel.tensor=2"], "model.n_kv_heads gives 1 key/value heads, "
-                                                  "not divisible by parallel.tensor"),
+    (["model.n_kv_heads=1", "parallel.tensor=2"], r"model.n_kv_heads \(1\) must be divisible "
+                                                  r"by parallel.tensor \(2\)"),
 ])
 def test_bad_head_counts_are_one_line_config_errors(overrides, needle):
     with pytest.raises(ConfigError, match=needle) as error:
@@ -153,6 +153,8 @@ def test_mqa_with_heads_not_split_over_tensor_is_allowed():
     rules = '[["batch", [data, fsdp, expert]], ["(mlp|vocab)", tensor], [".*", null]]'
     config = _config("model.n_kv_heads=1", "parallel.tensor=2", f"parallel.rules={rules}")
     assert config.model.kv_heads == 1
+    # without grouping q, k and v split alike, even mid-head, as before
+    assert _config("model.n_heads=2", "parallel.tensor=4").model.kv_heads == 2
 
 
 class Run:
