@@ -62,8 +62,10 @@ class Checkpointer:
             meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any,
-                expected_meta: dict[str, Any]) -> Any:
-        """Restores `step` into the sharded layout of `abstract_state`, and the data iterator."""
+                expected_meta: dict[str, Any], default_meta: dict[str, Any] | None = None
+                ) -> Any:
+        """Restores `step` into the sharded layout of `abstract_state`, and the data iterator.
+        `default_meta`: the expected keys' default values (see _check_meta)."""
         where = self.directory / str(step)
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(
@@ -72,7 +74,8 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {where} is corrupt or unreadable "
                                   f"({_first_line(e)}); delete it to fall back to an earlier "
                                   f"one, or use a new run_dir") from None
-        _check_meta(meta, {"format_version": FORMAT_VERSION, **expected_meta}, where)
+        _check_meta(meta, {"format_version": FORMAT_VERSION, **expected_meta}, where,
+                    default_meta)
         try:
             with _quiet_failed_reads():
                 restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -92,9 +95,16 @@ class Checkpointer:
         self._manager.close()
 
 
-def _check_meta(found: dict[str, Any], expected: dict[str, Any], where: Path) -> None:
+def _check_meta(found: dict[str, Any], expected: dict[str, Any], where: Path,
+                defaults: dict[str, Any] | None = None) -> None:
+    """Every expected key must match. A key the checkpoint lacks is accepted when this run
+    has it at its default (`defaults`): a config field added after the checkpoint was
+    written, which changes nothing while it keeps its default."""
+    found_flat, default_flat = _flatten(found), _flatten(defaults or {})
     for key, want in _flatten(expected).items():
-        have = _flatten(found).get(key, "<missing>")
+        if key not in found_flat and key in default_flat and default_flat[key] == want:
+            continue
+        have = found_flat.get(key, "<missing>")
         if have != want:
             raise CheckpointError(
                 f"checkpoint {where} is incompatible with this run: {key} is {have!r} there but "

@@ -167,3 +167,19 @@ def test_sparse_run_resumes_with_its_masks_exactly(dataset, tmp_path):
     b = json.loads((straight_dir / "summary.json").read_text())
     assert a["layer_density"] == b["layer_density"]
     assert a["avg_nonzero_params"] == b["avg_nonzero_params"]
+
+
+def test_a_config_field_newer_than_the_checkpoint_is_accepted_only_at_its_default():
+    from spjax.checkpoint import _check_meta
+    from spjax.errors import CheckpointError
+
+    found = {"format_version": 2, "model": {"d_model": 64}}
+    defaults = {"model": {"d_model": 512, "n_kv_heads": 0}}
+    at_default = {"format_version": 2, "model": {"d_model": 64, "n_kv_heads": 0}}
+    _check_meta(found, at_default, Path("ckpt"), defaults)  # the new field changes nothing
+    changed = {"format_version": 2, "model": {"d_model": 64, "n_kv_heads": 2}}
+    with pytest.raises(CheckpointError, match="n_kv_heads"):
+        _check_meta(found, changed, Path("ckpt"), defaults)
+    with pytest.raises(CheckpointError, match="d_model"):  # existing keys still must match
+        _check_meta(found, {"format_version": 2, "model": {"d_model": 32}}, Path("ckpt"),
+                    defaults)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from spjax import distributed, parallel
 from spjax.checkpoint import Checkpointer
-from spjax.config import Config, to_dict
+from spjax.config import Config, ModelConfig, to_dict
 from spjax.data.pipeline import eval_batches, train_iterator
 from spjax.data.prepare import default_dataset, load_meta
 from spjax.errors import ConfigError, SpjaxError
@@ -120,7 +120,8 @@ def train(config: Config) -> dict[str, Any]:
     ckpt_meta = checkpoint_meta(config)
     resume_step = checkpointer.latest_step()
     if resume_step is not None:
-        state = checkpointer.restore(resume_step, layout.abstract, data_iter, ckpt_meta)
+        state = checkpointer.restore(resume_step, layout.abstract, data_iter, ckpt_meta,
+                                     {"model": to_dict(ModelConfig())})
     else:
         state = init_state(program, layout, config.train.seed)
     start_step = int(state.step)
