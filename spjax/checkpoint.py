@@ -24,6 +24,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
+import jax
 import orbax.checkpoint as ocp
 
 from spjax.errors import CheckpointError
@@ -93,6 +94,88 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def restore_matching(source: str | Path, abstract: dict[str, Any]
+                     ) -> tuple[dict[str, Any], list[str], int]:
+    """The latest checkpoint of another run (`source`: its run_dir or checkpoints/ folder),
+    restored only where it matches `abstract` (nested dicts of ShapeDtypeStructs with
+    shardings, e.g. {"params": ..., "structure": ...} of a TrainState): returns ({path:
+    restored array}, paths of `abstract` the checkpoint lacks, its step). Paths are
+    '/'-joined keys ('params/layers/0/attn/q/kernel'). A leaf present with another shape is
+    a CheckpointError. Used by train.init_from: a new run starts from a trained one's weights
+    with its own additions (an attention gate) freshly initialized."""
+    directory = Path(source)
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    if not directory.is_dir():
+        raise CheckpointError(f"train.init_from: '{source}' is not a run directory or a "
+                              f"checkpoints folder")
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
+    try:
+        manager = ocp.CheckpointManager(directory.absolute(), item_handlers=handlers)
+    except Exception as e:
+        raise CheckpointError(f"train.init_from: cannot read checkpoints in {directory}: "
+                              f"{_first_line(e)}") from None
+    try:
+        return _restore_matching(manager, directory, abstract)
+    finally:
+        manager.close()
+
+
+def _restore_matching(manager: ocp.CheckpointManager, directory: Path, abstract: Any
+                      ) -> tuple[dict[str, Any], list[str], int]:
+    step = manager.latest_step()
+    if step is None:
+        raise CheckpointError(f"train.init_from: no checkpoint in {directory}; train that run "
+                              f"first or point at another run_dir")
+    where = directory / str(step)
+    try:
+        saved = flat_paths(manager.item_metadata(step)["state"].tree)
+    except Exception as e:
+        raise CheckpointError(f"train.init_from: cannot read {where}: {_first_line(e)}"
+                              ) from None
+    found, missing = {}, []
+    for path, leaf in flat_paths(abstract).items():
+        meta = saved.get(path)
+        if meta is None:
+            missing.append(path)
+        elif tuple(meta.shape) != tuple(leaf.shape):
+            raise CheckpointError(f"train.init_from: {path} has shape {tuple(meta.shape)} in "
+                                  f"{where} but {tuple(leaf.shape)} here; the models must "
+                                  f"agree except for added parts")
+        else:
+            found[path] = leaf
+    if not found:
+        return {}, missing, step
+    item: dict[str, Any] = {}
+    for path, leaf in found.items():  # nested dicts with the checkpoint's (string) keys
+        *parents, last = path.split("/")
+        node = item
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), item)
+    try:
+        with _quiet_failed_reads():
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                             partial_restore=True)))["state"]
+    except Exception as e:
+        raise CheckpointError(f"train.init_from: checkpoint {where} is corrupt or unreadable "
+                              f"({_first_line(e)})") from None
+    return flat_paths(restored), missing, step
+
+
+def flat_paths(tree: Any) -> dict[str, Any]:
+    """{'a/b/0/c': leaf} of a pytree, keys as strings whatever their type."""
+    def name(key: Any) -> str:
+        return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
+
+    return {"/".join(name(k) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _check_meta(found: dict[str, Any], expected: dict[str, Any], where: Path,

@@ -25,6 +25,9 @@ from spjax.sparsity.config import SparsityConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
+# The pattern of layers whose block mask a learned gate computes (attention_gate.py)
+LEARNED = "learned"
+
 # A rule is (regex, value); rule lists are ordered and the first match wins (see rules.py).
 RuleList = tuple[tuple[str, Any], ...]
 
@@ -65,6 +68,36 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionGateConfig:
+    """The learned block gate of `learned` layers (spjax/model/attention_gate.py,
+    docs/ATTENTION.md): pooled Q and K per block -> block scores -> a top-k or threshold block
+    mask, trained by distillation from block-pooled dense attention."""
+
+    density: float = 0.25  # top-k: share of each query block row's causal key blocks kept
+    threshold: float = 0.0  # > 0: keep key blocks of gate probability >= threshold instead
+    keep_first: bool = False  # always keep key block 0 too (attention sink); diagonal always
+    d_gate: int = 64  # width of the pooled-Q and pooled-K projections
+    loss_coef: float = 1.0  # distillation (KL) loss weight in the train loss
+    dense_until: int = 0  # steps of dense attention while the gate distills (warm-up)
+
+    def validate(self) -> None:
+        where = "model.attention_pattern.gate"
+        if not 0 < self.density <= 1:
+            raise ConfigError(f"{where}.density must lie in (0, 1] (the share of causal key "
+                              f"blocks each query block keeps), got {self.density}")
+        if not 0 <= self.threshold < 1:
+            raise ConfigError(f"{where}.threshold must lie in [0, 1) (0: top-k by density), "
+                              f"got {self.threshold}")
+        if self.d_gate <= 0:
+            raise ConfigError(f"{where}.d_gate must be > 0, got {self.d_gate}")
+        if self.loss_coef < 0:
+            raise ConfigError(f"{where}.loss_coef must be >= 0, got {self.loss_coef}")
+        if self.dense_until < 0:
+            raise ConfigError(f"{where}.dense_until must be >= 0 (steps), got "
+                              f"{self.dense_until}")
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionPatternConfig:
     """Block-sparse attention (pallas_kernels/block_sparse_attention). `rules` give each
     layer's attention, named `layers/{i}/attn`, a pattern of spjax/model/attention_patterns
@@ -79,6 +112,7 @@ class AttentionPatternConfig:
     dilation: int = 1  # dilated: blocks between kept key blocks
     path: str = ""  # file: a .npy block mask (T/block, T/block) or (query heads, ...)
     kernel: Literal["auto", "pallas", "xla", "interpret"] = "auto"  # auto: Pallas on GPU
+    gate: AttentionGateConfig = AttentionGateConfig()  # `learned` layers
 
     def pattern_for(self, layer: str) -> str:
         return Rules.from_pairs(self.rules, "model.attention_pattern.rules").lookup(layer)
@@ -87,12 +121,17 @@ class AttentionPatternConfig:
         return {f"layers/{i}/attn": self.pattern_for(f"layers/{i}/attn")
                 for i in range(n_layers)}
 
+    def learned_layers(self, n_layers: int) -> list[str]:
+        return [name for name, kind in self.patterns(n_layers).items() if kind == LEARNED]
+
     def validate(self, n_layers: int) -> None:
+        kinds = (*attention_patterns.KINDS, LEARNED)
         for i, (_, value) in enumerate(self.rules):
-            if value not in attention_patterns.KINDS:
+            if value not in kinds:
                 raise ConfigError(f"model.attention_pattern.rules[{i}]: pattern must be one of "
-                                  f"{', '.join(attention_patterns.KINDS)}, got {value!r}")
+                                  f"{', '.join(kinds)}, got {value!r}")
         self.patterns(n_layers)  # every layer matches a rule
+        self.gate.validate()
         if self.block < 16 or self.block & (self.block - 1):
             raise ConfigError(f"model.attention_pattern.block must be a power of two >= 16, "
                               f"got {self.block}")
@@ -223,6 +262,13 @@ class TrainConfig:
     checkpoint_every: int = 500  # 0 disables periodic checkpoints (the final one still runs)
     keep_checkpoints: int = 3
     progress: bool = True  # progress bar on stderr
+    # A run directory (or its checkpoints/ folder) whose latest checkpoint gives the initial
+    # parameters and structure, matched by path; what it lacks (a new gate) keeps its fresh
+    # init. Optimizer, step and data start afresh. Ignored when this run_dir can resume.
+    init_from: str = ""
+    # 'gate': train only the attention gates (layers/*/attn/gate), every other parameter
+    # frozen bit-exactly: sparsify a trained dense checkpoint by distillation
+    trainable: Literal["all", "gate"] = "all"
 
     def validate(self) -> None:
         if self.steps <= 0:
@@ -288,10 +334,23 @@ class Config:
             raise ConfigError("parallel.expert > 1 needs a mixture-of-experts model "
                               "(model.moe.num_experts > 0)")
         self._validate_attention_patterns()
+        self._validate_gate_training()
         self._validate_head_sharding()
         if self.lowrank.method == "galore" and self.sparsity.enabled:
             raise ConfigError("lowrank.method 'galore' projects dense gradients and cannot be "
                               "combined with sparsity.method; use one of them")
+
+    def _validate_gate_training(self) -> None:
+        if self.train.trainable != "gate":
+            return
+        if not self.model.attention_pattern.learned_layers(self.model.n_layers):
+            raise ConfigError("train.trainable=gate trains only attention gates, but no layer "
+                              "is 'learned'; set model.attention_pattern.rules, e.g. "
+                              "'[[\".*\", learned]]'")
+        if self.sparsity.enabled or self.lowrank.method != "none":
+            raise ConfigError("train.trainable=gate freezes the model's weights; it cannot be "
+                              "combined with sparsity.method or lowrank.method (set them to "
+                              "none)")
 
     def _validate_head_sharding(self) -> None:
         """Grouped key/value heads split over `tensor` (logical axis 'heads') must be whole
@@ -311,7 +370,12 @@ class Config:
     def _validate_attention_patterns(self) -> None:
         """Each pattern in use must fit data.seq_len (window shorter than the sequence...)."""
         section = self.model.attention_pattern
-        for kind in sorted(set(section.patterns(self.model.n_layers).values()) - {"dense"}):
+        kinds = set(section.patterns(self.model.n_layers).values())
+        if LEARNED in kinds and self.data.seq_len % section.block:
+            raise ConfigError(f"model.attention_pattern.block ({section.block}) must divide "
+                              f"data.seq_len ({self.data.seq_len}) for the learned gate; pick "
+                              f"a block dividing the sequence length")
+        for kind in sorted(kinds - {"dense", LEARNED}):
             try:
                 attention_patterns.build(
                     kind, seq_len=self.data.seq_len, block=section.block, window=section.window,

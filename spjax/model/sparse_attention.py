@@ -1,6 +1,8 @@
 """Block-sparse attention inside the model: a layer's static pattern (model.attention_pattern)
 -> its block mask and tables, built once per (pattern, sequence length) at trace time, so
 they are constants of the compiled step -> the kernels of pallas_kernels/block_sparse_attention.
+A learned gate's mask (attention_gate.py) is computed inside the step instead: `attend_mask`
+builds its tables in the graph (layout.py's jnp path), and the kernels read them as operands.
 
 The Pallas kernels are opaque to XLA's partitioner, so under a mesh they run inside
 `shard_map`: sequences split over the batch axes, heads over `tensor`, each device attending
@@ -57,14 +59,34 @@ def attend(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array, kin
         tables = layout(kind, t, section, heads)
     except ConfigError as e:
         raise ConfigError(f"layer '{name}' at sequence length {t}: {e}") from None
+    return _run(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, tables, section, name)
+
+
+def check_block(seq_len: int, block: int, name: str) -> None:
+    if seq_len % block:
+        raise ConfigError(f"layer '{name}' at sequence length {seq_len}: the sequence length "
+                          f"must be a multiple of the attention block ({block})")
+
+
+def attend_mask(q_BxTxHxK: jax.Array, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array,
+                mask: jax.Array, section: AttentionPatternConfig, name: str) -> jax.Array:
+    """Causal attention of layer `name` under a block mask computed in the step (traced):
+    (B, H, T/b, T/b) bool, one per sequence and query head. The tables are built in the graph
+    (an argsort per row); the 'xla' path reads only the mask, so XLA drops them there."""
+    check_block(q_BxTxHxK.shape[1], section.block, name)
+    return _run(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, build_layout(mask), section, name)
+
+
+def _run(q, k, v, tables: AttentionLayout, section: AttentionPatternConfig, name: str
+         ) -> jax.Array:
     implementation = resolve_kernel(section.kernel)
     call = functools.partial(block_sparse_attention, block=section.block,
                              implementation=implementation)
     try:
         active = parallel.active()
         if implementation == "xla" or active is None:
-            return call(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, tables)
-        return _sharded(call, active, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, tables)
+            return call(q, k, v, tables)
+        return _sharded(call, active, q, k, v, tables)
     except BlockSparseAttentionError as e:
         raise ConfigError(f"layer '{name}': {e}") from None
 
@@ -78,8 +100,10 @@ def _sharded(call, active, q, k, v, tables: AttentionLayout) -> jax.Array:
         raise ConfigError(f"{q.shape[2]} query heads split as {spec} but {k.shape[2]} "
                           f"key/value heads as {kv_spec}; use a number of key/value heads "
                           f"(model.n_kv_heads) divisible by parallel.tensor")
+    # per-sequence tables (a learned gate's) split with the batch, per-head ones with heads
     table_spec = jax.tree.map(
-        lambda a: P(None, head_axes if a.shape[1] > 1 else None), tables)
+        lambda a: P(spec[0] if a.shape[0] > 1 else None, head_axes if a.shape[1] > 1 else None),
+        tables)
 
     def body(q, k, v, tables):
         return call(q, k, v, tables)

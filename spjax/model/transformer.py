@@ -2,8 +2,9 @@
 
 RMSNorm (pre-norm), rotary position embeddings (rotate-half convention of HF LLaMA), SwiGLU
 MLP, causal attention with optional grouped-query (model.n_kv_heads) and sparse-query
-(model.n_q_heads) heads, dense or block-sparse per layer by model.attention_pattern, untied
-embedding and LM head, no biases, N(0, 0.02) init.
+(model.n_q_heads) heads, dense, block-sparse or gated by a learned block gate ('learned',
+attention_gate.py) per layer by model.attention_pattern, untied embedding and LM head, no
+biases, N(0, 0.02) init.
 Every projection, the LM head included, comes from the `LinearFactory`, so sparse and
 low-rank structures plug in without touching this file.
 
@@ -20,8 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spjax import parallel
-from spjax.config import ModelConfig
-from spjax.model import sparse_attention
+from spjax.config import LEARNED, ModelConfig
+from spjax.model import attention_gate, sparse_attention
 from spjax.model.linear import LinearSpec, normal_init
 from spjax.model.moe import MoE
 from spjax.model.structures import LinearFactory, dense_everywhere
@@ -77,22 +78,31 @@ class Attention(nnx.Module):
         self.k = linear(f"{name}/k", d, kv_width, ("embed", "heads"), rngs)
         self.v = linear(f"{name}/v", d, kv_width, ("embed", "heads"), rngs)
         self.o = linear(f"{name}/o", q_width, d, ("heads", "embed"), rngs)
+        if self.pattern == LEARNED:  # layers/{i}/attn/gate/{q,k}
+            self.gate = attention_gate.AttentionGate(config, rngs)
 
-    def __call__(self, x_BxTxD: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array) -> jax.Array:
+    def __call__(self, x_BxTxD: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array,
+                 step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(output, the gate's losses and densities for a learned layer, or {})."""
         b, t, _ = x_BxTxD.shape
         split = lambda y, heads: y.reshape(b, t, heads, self.head_dim)  # noqa: E731
         q_BxTxHxK = apply_rope(split(self.q(x_BxTxD), self.q_heads), cos_TxK, sin_TxK)
         k_BxTxGxK = apply_rope(split(self.k(x_BxTxD), self.kv_heads), cos_TxK, sin_TxK)
         v_BxTxGxK = split(self.v(x_BxTxD), self.kv_heads)
-        # query head h reads key/value head h // (H / G), in both paths
-        if self.pattern == "dense":
+        # query head h reads key/value head h // (H / G), in every path
+        aux: dict[str, jax.Array] = {}
+        if self.pattern == LEARNED:
+            out_BxTxHxK, aux = attention_gate.gated_attention(
+                self.gate, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, self.pattern_config, self.name,
+                step)
+        elif self.pattern == "dense":
             out_BxTxHxK = jax.nn.dot_product_attention(
                 q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, is_causal=True,
                 implementation=self.implementation)
         else:
             out_BxTxHxK = sparse_attention.attend(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK,
                                                   self.pattern, self.pattern_config, self.name)
-        return self.o(out_BxTxHxK.reshape(b, t, -1))
+        return self.o(out_BxTxHxK.reshape(b, t, -1)), aux
 
 
 class SwiGLU(nnx.Module):
@@ -120,13 +130,14 @@ class Block(nnx.Module):
         else:
             self.mlp = SwiGLU(f"{name}/mlp", config, linear, rngs)
 
-    def __call__(self, x_BxTxD: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(new residual stream, the MoE router losses of this block, or {})."""
-        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), cos_TxK, sin_TxK)
-        aux: dict[str, jax.Array] = {}
+    def __call__(self, x_BxTxD: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array,
+                 step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(new residual stream, this block's MoE router losses and attention gate terms)."""
+        attn_out, aux = self.attn(self.attn_norm(x_BxTxD), cos_TxK, sin_TxK, step)
+        x_BxTxD = x_BxTxD + attn_out
         if self.is_moe:
-            out, aux = self.moe(self.mlp_norm(x_BxTxD))
+            out, moe_aux = self.moe(self.mlp_norm(x_BxTxD))
+            aux = {**aux, **{f"moe_{k}": v for k, v in moe_aux.items()}}
         else:
             out = self.mlp(self.mlp_norm(x_BxTxD))
         x_BxTxD = x_BxTxD + out
@@ -163,25 +174,28 @@ class Transformer(nnx.Module):
         """Token ids -> fp32 logits_BxTxV."""
         return self.forward(tokens_BxT)[0]
 
-    def forward(self, tokens_BxT: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Token ids -> (fp32 logits_BxTxV, router losses averaged over MoE layers, or {})."""
+    def forward(self, tokens_BxT: jax.Array, step: jax.Array | None = None
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Token ids -> (fp32 logits_BxTxV, aux): aux holds the MoE router losses
+        (moe_load_balance, moe_z_loss) averaged over MoE layers and the attention gate terms
+        (attn_gate_loss, attn_density, attn_gate_recall) averaged over learned layers, or is
+        {}. `step` (the optimizer step) ends the gates' dense warm-up; None: gates on."""
         cos_TxK, sin_TxK = rope_tables(tokens_BxT.shape[1], self.config.head_dim,
                                        self.config.rope_theta)
         x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.compute_dtype)
         x_BxTxD = parallel.constrain(x_BxTxD, ACTIVATION_AXES)
 
-        def run_block(block: Block, x: jax.Array):
-            return block(x, cos_TxK, sin_TxK)
+        def run_block(block: Block, x: jax.Array, step: jax.Array | None):
+            return block(x, cos_TxK, sin_TxK, step)
 
         if self.config.remat != "none":
             run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[self.config.remat])
-        aux_layers = []
+        per_key: dict[str, list[jax.Array]] = {}
         for block in self.layers:
-            x_BxTxD, aux = run_block(block, x_BxTxD)
-            if aux:
-                aux_layers.append(aux)
-        aux = {key: sum(a[key] for a in aux_layers) / len(aux_layers)
-               for key in (aux_layers[0] if aux_layers else {})}
+            x_BxTxD, aux = run_block(block, x_BxTxD, step)
+            for key, value in aux.items():  # each key over the layers that have it
+                per_key.setdefault(key, []).append(value)
+        aux = {key: sum(values) / len(values) for key, values in per_key.items()}
         return self.lm_head(self.final_norm(x_BxTxD)), aux
 
 
@@ -194,12 +208,15 @@ def attention_params(config: ModelConfig) -> int:
 
 def closed_form_param_count(config: ModelConfig) -> int:
     """Parameters: per layer the attention projections (`attention_params`, 4d^2 by default)
-    + 2d and an MLP of 3df (dense) or, for MoE layers, E 3 d f_e + d E (router)
+    [+ a learned layer's gate] + 2d and an MLP of 3df (dense) or, for MoE layers, E 3 d f_e + d E (router)
     [+ 3 d f_e shared]; plus 2Vd + d."""
     d, f, v, n = config.d_model, config.d_ff, config.vocab_size, config.n_layers
     moe = config.moe
     f_e = moe.d_expert or f
     total = 2 * v * d + d
+    gate = config.attention_pattern.gate.d_gate * (config.q_heads + 3 * config.kv_heads) \
+        * config.head_dim  # a learned layer's gate: G x ((H/G) k + 3k) x d_gate
+    total += gate * len(config.attention_pattern.learned_layers(n))
     for i in range(n):
         total += attention_params(config) + 2 * d
         if moe.is_moe_layer(i):

@@ -13,14 +13,20 @@ PaLM convention (no causal halving) would report attention FLOPs twice as large.
 Block-sparse attention (model.attention_pattern) computes only the (query, key) pairs its
 pattern keeps: `attention_flops_per_token` scales each layer's count by that share
 (attention_patterns.pair_density). `train_flops_per_token` keeps the dense causal count.
+A learned gate's mask is data-dependent: its layers count the density the gate measured
+(the step metric attn_density), or before any measurement the top-k nominal density (exact
+for top-k once the dense warm-up is over; 1.0 for threshold gates). The gate's distillation
+target (one dense Q K^T forward per learned layer) is not counted.
 """
 
 from __future__ import annotations
 
 import jax
 
-from spjax.config import ModelConfig
-from spjax.model import attention_patterns
+import numpy as np
+
+from spjax.config import LEARNED, ModelConfig
+from spjax.model import attention_gate, attention_patterns
 
 # Dense bf16 tensor-core peak (no structured sparsity), FLOP/s, by device_kind substring.
 PEAK_BF16_FLOPS = {
@@ -58,14 +64,32 @@ def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6 * matmul_params(config) + attention
 
 
-def attention_densities(config: ModelConfig, seq_len: int) -> dict[str, float]:
+def nominal_gate_density(config: ModelConfig, seq_len: int) -> float:
+    """Pair density of a learned layer's mask after warm-up: top-k keeps k_i blocks of row i,
+    the diagonal among them, whichever they are; a threshold gate's is unknown (1.0)."""
+    section = config.attention_pattern
+    gate, b = section.gate, section.block
+    if gate.threshold > 0:
+        return 1.0
+    counts = attention_gate.topk_counts(seq_len // b, gate.density, gate.keep_first)
+    pairs = np.sum(counts - 1) * b * b + len(counts) * b * (b + 1) / 2
+    return float(pairs / (seq_len * (seq_len + 1) / 2))
+
+
+def attention_densities(config: ModelConfig, seq_len: int, learned: float | None = None
+                        ) -> dict[str, float]:
     """Per attention layer (layers/{i}/attn), the share of causal (query, key) pairs its
-    pattern computes: 1.0 for dense."""
+    pattern computes: 1.0 for dense; for learned layers `learned` (a measured density) or
+    the nominal one."""
     section = config.attention_pattern
     densities = {}
     for name, kind in section.patterns(config.n_layers).items():
         if kind == "dense":
             densities[name] = 1.0
+            continue
+        if kind == LEARNED:
+            densities[name] = (nominal_gate_density(config, seq_len) if learned is None
+                               else float(learned))
             continue
         mask = attention_patterns.build(
             kind, seq_len=seq_len, block=section.block, window=section.window,
@@ -75,11 +99,12 @@ def attention_densities(config: ModelConfig, seq_len: int) -> dict[str, float]:
     return densities
 
 
-def attention_flops_per_token(config: ModelConfig, seq_len: int) -> tuple[float, float]:
+def attention_flops_per_token(config: ModelConfig, seq_len: int,
+                              learned: float | None = None) -> tuple[float, float]:
     """(computed, dense causal) training FLOPs per token of the attention score and value
-    products, summed over layers."""
+    products, summed over layers; `learned`: the gates' measured density."""
     per_layer = 6 * query_width(config) * seq_len
-    densities = attention_densities(config, seq_len)
+    densities = attention_densities(config, seq_len, learned)
     return per_layer * sum(densities.values()), per_layer * config.n_layers
 
 

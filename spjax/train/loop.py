@@ -22,11 +22,11 @@ import yaml
 from tqdm import tqdm
 
 from spjax import distributed, parallel
-from spjax.checkpoint import Checkpointer
+from spjax.checkpoint import Checkpointer, flat_paths, restore_matching
 from spjax.config import Config, ModelConfig, to_dict
 from spjax.data.pipeline import eval_batches, train_iterator
 from spjax.data.prepare import default_dataset, load_meta
-from spjax.errors import ConfigError, SpjaxError
+from spjax.errors import CheckpointError, ConfigError, SpjaxError
 from spjax.train import flops as flops_lib
 from spjax.train.memory import format_report, memory_report
 from spjax.train.metrics import MetricsWriter
@@ -124,6 +124,8 @@ def train(config: Config) -> dict[str, Any]:
                                      {"model": to_dict(ModelConfig())})
     else:
         state = init_state(program, layout, config.train.seed)
+        if config.train.init_from:
+            state = _init_from(config.train.init_from, state, program, layout, is_main)
     start_step = int(state.step)
     if is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
@@ -150,6 +152,14 @@ def train(config: Config) -> dict[str, Any]:
     n_params = program.model_def.param_count()
     attention_flops, dense_attention_flops = flops_lib.attention_flops_per_token(
         config.model, config.data.seq_len)
+    gate_densities: list[float] = []  # learned gates: attn_density of each logged step
+
+    def measured_attention(values: dict[str, float]) -> None:
+        """Learned gates: attention FLOPs at the density the step measured."""
+        if "attn_density" in values:
+            gate_densities.append(values["attn_density"])
+            values["attention_flops_per_token"] = flops_lib.attention_flops_per_token(
+                config.model, config.data.seq_len, values["attn_density"])[0]
     if is_main:
         print(f"spjax: model {config.model.name}: {n_params:,} parameters "
               f"({n_params / 1e6:.2f}M); {flops_per_token / 1e9:.3f} GFLOP/token; "
@@ -195,7 +205,7 @@ def train(config: Config) -> dict[str, Any]:
             step += 1
             interval_steps += 1
             if pending is not None:  # fetch the previous logging step's metrics now
-                last = _log(writer, bar, *pending, last)
+                last = _log(writer, bar, *pending, last, measured_attention)
                 pending = None
             if step % config.train.log_every == 0 or step == total_steps:
                 jax.block_until_ready(metrics["loss"])
@@ -225,7 +235,7 @@ def train(config: Config) -> dict[str, Any]:
             if step < total_steps:
                 batch = parallel.host_to_global(next(data_iter), batch_sharding)
         if pending is not None:
-            last = _log(writer, bar, *pending, last)
+            last = _log(writer, bar, *pending, last, measured_attention)
     finally:
         bar.close()
         stop.restore()
@@ -239,6 +249,12 @@ def train(config: Config) -> dict[str, Any]:
 
     val_loss = evaluate(state)
     tokens_seen = step * tokens_per_step
+    if gate_densities:  # the learned layers at their mean measured density
+        mean_density = float(np.mean(gate_densities))
+        attention_flops = flops_lib.attention_flops_per_token(
+            config.model, config.data.seq_len, mean_density)[0]
+    else:
+        mean_density = None
     accounting = distributed.fetch(state.accounting)
     now = distributed.fetch(program.accounting.measure(state.structure))
     summary = {
@@ -268,7 +284,8 @@ def train(config: Config) -> dict[str, Any]:
         "attention_flops_per_token": attention_flops,
         "dense_attention_flops_per_token": dense_attention_flops,
         "attention_flops_vs_dense": attention_flops / dense_attention_flops,
-        "attention_density": flops_lib.attention_densities(config.model, config.data.seq_len),
+        "attention_density": flops_lib.attention_densities(config.model, config.data.seq_len,
+                                                           mean_density),
         "memory": memory_report(program.model_def, layout.abstract),
     }
     if peak_total and summary["tokens_per_s"]:
@@ -286,8 +303,10 @@ def train(config: Config) -> dict[str, Any]:
 
 
 def _log(writer: MetricsWriter, bar: tqdm, step: int, metrics: dict[str, Any],
-         last: dict[str, Any]) -> dict[str, Any]:
+         last: dict[str, Any], derive: Any = None) -> dict[str, Any]:
     values = {k: float(v) for k, v in distributed.fetch(metrics).items()}
+    if derive is not None:
+        derive(values)
     writer.write(step, values)
     postfix = {"loss": f"{values['loss']:.3f}", "tok/s": f"{values['tokens_per_s']:,.0f}"}
     if "mfu" in values:
@@ -295,6 +314,31 @@ def _log(writer: MetricsWriter, bar: tqdm, step: int, metrics: dict[str, Any],
     bar.set_postfix(postfix, refresh=False)
     bar.update(step - bar.n)
     return values
+
+
+def _init_from(source: str, state: TrainState, program: Program, layout: Any, is_main: bool
+               ) -> TrainState:
+    """train.init_from: the parameters and structure another run's latest checkpoint holds
+    (matched by path) replace the fresh ones; the rest (a new gate) keeps its init. Optimizer
+    state, step and data start afresh (AdamW's moments are zeros whatever the weights)."""
+    fresh = {"params": state.params, "structure": state.structure}
+    restored, missing, step = restore_matching(
+        source, {"params": layout.abstract.params, "structure": layout.abstract.structure})
+    if not any(path.startswith("params/") for path in restored):
+        raise CheckpointError(f"train.init_from: the checkpoint in '{source}' holds none of "
+                              f"this model's parameters; is it a run of the same model?")
+    paths = list(flat_paths(fresh))
+    leaves = [restored.get(path, leaf) for path, leaf in zip(paths, jax.tree.leaves(fresh))]
+    merged = jax.tree.unflatten(jax.tree.structure(fresh), leaves)
+    if is_main:
+        fresh_params = [p.removeprefix("params/") for p in missing if p.startswith("params/")]
+        print(f"spjax: initialized from {source} (step {step}): {len(restored)} of "
+              f"{len(paths)} tensors; freshly initialized: {', '.join(fresh_params) or 'none'}",
+              flush=True)
+    accounting = jax.device_put(program.accounting.initial_state(merged["structure"]),
+                                layout.state.accounting)
+    return dataclasses.replace(state, params=merged["params"], structure=merged["structure"],
+                               accounting=accounting)
 
 
 def _ppl(loss: float) -> float:

@@ -1,5 +1,6 @@
 """AdamW with linear warm-up, cosine decay to a fraction of the peak, and global-norm clipping;
-and `zero_moments`, which resets chosen entries of any optax state."""
+`train_only`, which freezes all but chosen parameters; and `zero_moments`, which resets chosen
+entries of any optax state."""
 
 from __future__ import annotations
 
@@ -65,6 +66,19 @@ def build_optimizer(config: OptimizerConfig, total_steps: int,
     if config.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
     return adamw
+
+
+def train_only(optimizer: optax.GradientTransformation,
+               is_trainable: Callable[[tuple], bool]) -> optax.GradientTransformation:
+    """`optimizer` on the parameters whose path `is_trainable`; zero updates (no weight
+    decay, no moments) for the rest, so they stay bit-exact. Clipping inside `optimizer`
+    sees only the trained gradients."""
+
+    def labels(params: Any) -> Any:
+        return jax.tree.map_with_path(
+            lambda path, _: "train" if is_trainable(path) else "frozen", params)
+
+    return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
 def zero_moments(opt_state: Any, params: Any, reset: Any) -> Any:

@@ -34,7 +34,8 @@ from spjax.sparsity.accounting import Accounting
 from spjax.sparsity.engine import SparsityEngine, layer_assignment
 from spjax.errors import ConfigError
 from spjax.lowrank.engine import LowRankEngine, galore_targets, lowrank_assignment
-from spjax.train.optimizer import GaLoreSettings, build_optimizer, lr_schedule
+from spjax.model.attention_gate import is_gate_param
+from spjax.train.optimizer import GaLoreSettings, build_optimizer, lr_schedule, train_only
 
 
 @jax.tree_util.register_dataclass
@@ -88,6 +89,7 @@ class Program:
     sparsity: SparsityEngine | None
     lowrank: LowRankEngine | None
     accounting: Accounting
+    trainable: str = "all"  # train.trainable: 'gate' trains only the attention gates
 
     @classmethod
     def build(cls, config: Config) -> Program:
@@ -107,8 +109,11 @@ class Program:
             rank, _ = config.lowrank.resolved_rank_alpha(config.model.name, config.model.d_model)
             galore = GaLoreSettings(rank, config.lowrank.galore.update_every,
                                     config.lowrank.galore.scale, galore_targets(config.lowrank))
-        return cls(model_def, build_optimizer(config.optimizer, steps, factor, galore),
-                   lr_schedule(config.optimizer, steps, factor), sparsity, lowrank, accounting)
+        optimizer = build_optimizer(config.optimizer, steps, factor, galore)
+        if config.train.trainable == "gate":
+            optimizer = train_only(optimizer, is_gate_param)
+        return cls(model_def, optimizer, lr_schedule(config.optimizer, steps, factor), sparsity,
+                   lowrank, accounting, config.train.trainable)
 
 
 def combined_assignment(*assigns: Callable[[str], LinearSpec]) -> Callable[[str], LinearSpec]:

@@ -8,6 +8,11 @@ incoming state. With a sparsity method, one step is:
   -> the method's optimizer gradients (masked, or dense plus decay terms)
   -> optimizer update
   -> the method's mask update when due (prune/regrow, moments of changed weights zeroed)
+
+Learned attention gates add their distillation loss (model.attention_pattern.gate.loss_coef
+x attn_gate_loss) to the loss. With train.trainable=gate every other parameter enters the
+loss under stop_gradient (so XLA drops the model's backward) and the optimizer leaves it
+untouched (optimizer.train_only).
 """
 
 from __future__ import annotations
@@ -18,21 +23,24 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from spjax.model.attention_gate import is_gate_param
 from spjax.train.state import ModelDef, Program, TrainState
 
 Batch = dict[str, jax.Array]  # {"inputs": int32[B, T], "targets": int32[B, T]}
 Metrics = dict[str, jax.Array]
 
 
-def token_losses(model_def: ModelDef, params: Any, structure: Any, batch: Batch) -> jax.Array:
+def token_losses(model_def: ModelDef, params: Any, structure: Any, batch: Batch,
+                 step: jax.Array | None = None) -> jax.Array:
     """Per-token cross-entropy in fp32, shape [B, T]."""
-    return losses_and_aux(model_def, params, structure, batch)[0]
+    return losses_and_aux(model_def, params, structure, batch, step)[0]
 
 
-def losses_and_aux(model_def: ModelDef, params: Any, structure: Any, batch: Batch
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(per-token cross-entropy [B, T], MoE router losses or {})."""
-    logits_BxTxV, aux = model_def.merge(params, structure).forward(batch["inputs"])
+def losses_and_aux(model_def: ModelDef, params: Any, structure: Any, batch: Batch,
+                   step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(per-token cross-entropy [B, T], the model's aux terms: MoE router losses, attention
+    gate terms, or {})."""
+    logits_BxTxV, aux = model_def.merge(params, structure).forward(batch["inputs"], step)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch["targets"])
     return ce, aux
 
@@ -44,21 +52,28 @@ def make_train_step(program: Program) -> Callable[[TrainState, Batch], tuple[Tra
     engines = [e for e in (sparsity, lowrank) if e is not None]
 
     moe = model_def.config.moe
+    gate_coef = model_def.config.attention_pattern.gate.loss_coef
 
-    def loss_fn(params: Any, structure: Any, batch: Batch):
-        ce, aux = losses_and_aux(model_def, params, structure, batch)
+    def loss_fn(params: Any, structure: Any, batch: Batch, step: jax.Array):
+        if program.trainable == "gate":  # frozen weights: no gradient, no backward pass
+            params = jax.tree.map_with_path(
+                lambda path, p: p if is_gate_param(path) else jax.lax.stop_gradient(p), params)
+        ce, aux = losses_and_aux(model_def, params, structure, batch, step)
         ce = jnp.mean(ce)
         total = ce
-        if aux:  # MoE: load-balancing and router z-loss, averaged over MoE layers
-            total = ce + moe.aux_loss_coef * aux["load_balance"] + moe.z_loss_coef * aux["z_loss"]
-        return total, {"loss": ce, **{f"moe_{k}": v for k, v in aux.items()}}
+        if "moe_load_balance" in aux:  # load-balancing and router z-loss, over MoE layers
+            total += moe.aux_loss_coef * aux["moe_load_balance"] \
+                + moe.z_loss_coef * aux["moe_z_loss"]
+        if "attn_gate_loss" in aux:  # gate distillation, averaged over learned layers
+            total += gate_coef * aux["attn_gate_loss"]
+        return total, {"loss": ce, **aux}
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         structure = state.structure
         if sparsity is not None:
             structure = sparsity.prepare(state.step, structure)
         (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, structure,
-                                                                     batch)
+                                                                     batch, state.step)
         grads_for_optimizer = grads
         for engine in engines:
             grads_for_optimizer = engine.optimizer_grads(state.step, grads_for_optimizer,
@@ -91,7 +106,7 @@ def make_eval_step(program: Program) -> Callable[[TrainState, Batch], Metrics]:
         structure = state.structure
         if sparsity is not None:
             structure = sparsity.prepare(state.step, structure)
-        losses = token_losses(model_def, state.params, structure, batch)
+        losses = token_losses(model_def, state.params, structure, batch, state.step)
         return {"loss_sum": jnp.sum(losses), "tokens": jnp.asarray(losses.size, jnp.float32)}
 
     return eval_step
