@@ -82,7 +82,11 @@ class Attention(nnx.Module):
             self.gate = attention_gate.AttentionGate(config, rngs)
 
     def __call__(self, x_BxTxD: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array,
-                 step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 step: jax.Array | None = None) -> jax.Array:
+        return self.forward(x_BxTxD, cos_TxK, sin_TxK, step)[0]
+
+    def forward(self, x_BxTxD: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array,
+                step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(output, the gate's losses and densities for a learned layer, or {})."""
         b, t, _ = x_BxTxD.shape
         split = lambda y, heads: y.reshape(b, t, heads, self.head_dim)  # noqa: E731
@@ -133,7 +137,7 @@ class Block(nnx.Module):
     def __call__(self, x_BxTxD: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array,
                  step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(new residual stream, this block's MoE router losses and attention gate terms)."""
-        attn_out, aux = self.attn(self.attn_norm(x_BxTxD), cos_TxK, sin_TxK, step)
+        attn_out, aux = self.attn.forward(self.attn_norm(x_BxTxD), cos_TxK, sin_TxK, step)
         x_BxTxD = x_BxTxD + attn_out
         if self.is_moe:
             out, moe_aux = self.moe(self.mlp_norm(x_BxTxD))
