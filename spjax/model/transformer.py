@@ -212,8 +212,8 @@ def attention_params(config: ModelConfig) -> int:
 
 def closed_form_param_count(config: ModelConfig) -> int:
     """Parameters: per layer the attention projections (`attention_params`, 4d^2 by default)
-    [+ a learned layer's gate] + 2d and an MLP of 3df (dense) or, for MoE layers, E 3 d f_e + d E (router)
-    [+ 3 d f_e shared]; plus 2Vd + d."""
+    [+ a learned layer's gate] + 2d and an MLP of 3df (dense) or, for MoE layers,
+    E 3 d f_e + d E (router) [+ 3 d f_e shared]; plus 2Vd + d."""
     d, f, v, n = config.d_model, config.d_ff, config.vocab_size, config.n_layers
     moe = config.moe
     f_e = moe.d_expert or f
