@@ -6,6 +6,8 @@ near full rank).
 Each method is a real `spjax train` run (subprocess) in RUN_ROOT/<method>; re-running skips
 methods whose summary.json exists.
 
+Without --data the runs use the built-in default data (byte-level Python source).
+
     python bench/lowrank_compare.py --data DATASET --model 60m --steps 2000 --batch 64 \
         --seq-len 512 --run-root runs/lowrank60m
 """
@@ -28,38 +30,59 @@ METHODS = {
     "full": ([], 1e-3),
     "lowrank": (["lowrank.method=lowrank"], 1.5e-3),
     "relora": (["lowrank.method=relora"], 1e-3),
+    "relora_warm": (["lowrank.method=relora"], 1e-3),  # after a full-rank quarter, see below
     "galore": (["lowrank.method=galore"], 1e-2),
     "sltrain": (["lowrank.method=sltrain"], 3e-3),
     "lost": (["lowrank.method=lost"], 3e-3),
 }
-PUBLISHED_60M = {"full": 34.06, "galore": 34.88, "relora": 37.04, "lowrank": 78.18,
-                 "sltrain": 34.15}
+PUBLISHED_60M = {"full": 34.06, "galore": 34.88, "relora": 37.04, "relora_warm": 37.04,
+                 "lowrank": 78.18, "sltrain": 34.15}
 
 
-def run_method(name: str, args: argparse.Namespace) -> dict:
-    run_dir = Path(args.run_root) / name
+def run_method(name: str, args: argparse.Namespace) -> dict | None:
+    overrides, lr = METHODS[name]
+    steps = args.steps
+    if name.startswith("relora"):  # four merge cycles over the run
+        overrides = [*overrides, f"lowrank.relora.merge_every={max(1, steps // 4)}"]
+    if name == "relora_warm":
+        # ReLoRA's recipe: a full-rank warm start for the first quarter of the steps, then
+        # ReLoRA from its weights (the dense kernels become W0) for the rest: equal tokens.
+        # init_from restarts the data stream, so the ReLoRA part shuffles with another seed
+        # (about a quarter of its batches were seen by the warm start, in another order).
+        warm = max(1, steps // 4)
+        warm_dir = Path(args.run_root) / "relora_warm_start"
+        if train(f"{name} warm start", warm_dir, warm, METHODS["full"][1], [], args) is None:
+            return None
+        overrides = [*overrides, f"train.init_from={warm_dir}", "data.seed=1"]
+        steps -= warm
+    return train(name, Path(args.run_root) / name, steps, lr, overrides, args)
+
+
+def train(name: str, run_dir: Path, steps: int, lr: float, overrides: list[str],
+          args: argparse.Namespace) -> dict | None:
+    """One `spjax train` run, skipped when its summary exists; None when it fails."""
     summary = run_dir / "summary.json"
     if not summary.exists():
-        overrides, lr = METHODS[name]
-        if name == "relora":  # four merge cycles over the run
-            overrides = [*overrides, f"lowrank.relora.merge_every={max(1, args.steps // 4)}"]
         command = [sys.executable, "-m", "spjax.cli", "train", str(ROOT / "configs/tiny.yaml"),
                    f"model={args.model}", "model.vocab_size=0", "model.compute_dtype=bfloat16",
-                   f"data.path={args.data}", f"data.seq_len={args.seq_len}",
-                   f"data.batch_size={args.batch}", f"train.steps={args.steps}",
-                   f"optimizer.lr={lr}", "optimizer.weight_decay=0.0",
+                   *([f"data.path={args.data}"] if args.data else []),
+                   f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch}",
+                   f"train.steps={steps}", f"optimizer.lr={lr}", "optimizer.weight_decay=0.0",
                    f"train.eval_every={max(1, args.steps // 4)}", "train.eval_batches=16",
-                   f"train.checkpoint_every={args.steps}", "train.progress=false",
+                   f"train.checkpoint_every={steps}", "train.progress=false",
                    f"run_dir={run_dir}", *overrides, *args.overrides]
         print(f"[{name}] {' '.join(command[3:])}", flush=True)
-        subprocess.run(command, check=True, cwd=ROOT,
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if done.returncode != 0:  # report it and go on: one broken method must not hide the rest
+            print(f"[{name}] FAILED with exit status {done.returncode}; its log is above, its "
+                  f"run dir {run_dir}", flush=True)
+            return None
     return json.loads(summary.read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="prepared dataset directory")
+    parser.add_argument("--data", default="", help="prepared dataset (default: built-in data)")
     parser.add_argument("--model", default="60m")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=64)
@@ -69,9 +92,12 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = parser.parse_args()
 
-    rows = []
+    rows, failed = [], []
     for name in args.methods.split(","):
         s = run_method(name, args)
+        if s is None:
+            failed.append(name)
+            continue
         memory = s["memory"]["total"]
         rows.append((name, s["final_val_loss"], s["final_val_perplexity"],
                      memory["trainable_params"],
@@ -79,7 +105,7 @@ def main() -> None:
                       + memory["optimizer_bytes"]) / 2**30, s["tokens_per_s"]))
     rows.sort(key=lambda r: r[1])
     print(f"\n{args.model}, {args.steps} steps x {args.batch} x {args.seq_len} tokens, "
-          f"data {args.data}")
+          f"data {args.data or 'built-in default'}")
     print("| method | val loss | val ppl | trainable params | params + optimizer GiB | "
           "tokens/s | published ppl (GaLore C4 table, 60M) |")
     print("|---|---|---|---|---|---|---|")
@@ -87,6 +113,8 @@ def main() -> None:
         published = PUBLISHED_60M.get(name, "")
         print(f"| {name} | {loss:.4f} | {ppl:.2f} | {params / 1e6:.2f}M | {gib:.3f} | "
               f"{rate:,.0f} | {published} |")
+    for name in failed:
+        print(f"| {name} | failed: see its log above | | | | | {PUBLISHED_60M.get(name, '')} |")
 
 
 if __name__ == "__main__":

@@ -56,8 +56,11 @@ def run_one(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
             command.append(f"data.seq_len={args.seq_len}")
         command += [*overrides, *args.overrides]
         print(f"[{name}] {' '.join(command[3:])}", flush=True)
-        subprocess.run(command, check=True, cwd=ROOT,
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if done.returncode != 0:  # report it and go on: one broken method must not hide the rest
+            print(f"[{name}] FAILED with exit status {done.returncode}; its log is above, its "
+                  f"run dir {run_dir}", flush=True)
+            return None
     return json.loads(summary.read_text())
 
 
@@ -76,6 +79,8 @@ def main() -> None:
     table = runs(args.steps)
     names = args.only.split(",") if args.only else list(table)
     rows = [(name, run_one(name, table[name], args)) for name in names]
+    failed = [name for name, s in rows if s is None]
+    rows = [(name, s) for name, s in rows if s is not None]
     dense = next((s for n, s in rows if n == "dense"), None)
     print(f"\n{args.model}, {args.steps} steps, data {args.data or 'built-in default'}")
     print("| run | final val loss | vs dense | non-zero params (end) | average non-zero params | "
@@ -85,6 +90,8 @@ def main() -> None:
         delta = f"{s['final_val_loss'] - dense['final_val_loss']:+.4f}" if dense else ""
         print(f"| {name} | {s['final_val_loss']:.4f} | {delta} | {s['nonzero_params'] / 1e6:.3f}M"
               f" | {s['avg_nonzero_params'] / 1e6:.3f}M | {s['train_flops_vs_dense']:.2f} |")
+    for name in failed:
+        print(f"| {name} | failed: see its log above | | | | |")
 
 
 if __name__ == "__main__":

@@ -93,10 +93,25 @@ def bench_preset(preset: str, seq_len: int, batch: int, steps: int, overrides: l
     flops_per_token = flops_lib.train_flops_per_token(config.model, seq_len)
     memory = jax.devices()[0].memory_stats() or {}
     return {"preset": preset, "params": program.model_def.param_count(), "seq_len": seq_len,
-            "batch": batch, "step_ms": 1e3 * step_s, "tokens_per_s": tokens_per_s,
-            "tflops": tokens_per_s * flops_per_token / 1e12,
+            "batch": batch, "devices": mesh.size, "step_ms": 1e3 * step_s,
+            "tokens_per_s": tokens_per_s,
+            # per device, so that MFU stays comparable when the mesh grows
+            "tflops": tokens_per_s * flops_per_token / mesh.size / 1e12,
+            "step_gib": step_memory_gib(compiled),
             "peak_gib": memory.get("peak_bytes_in_use", 0) / 2**30,
             "overrides": overrides}
+
+
+def step_memory_gib(compiled) -> float:
+    """The compiled step's own device footprint: arguments (state and batch) + XLA's temporaries
+    + outputs not aliased to donated arguments. Unlike the allocator's peak, which only grows
+    over a process, this belongs to one variant, so variants of one run compare fairly."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return 0.0
+    total = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
+             + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+    return total / 2**30
 
 
 def main() -> None:
@@ -136,14 +151,15 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n| preset | variant | params | seq x batch | step ms | tokens/s | tokens/s vs first "
-          f"variant | TFLOP/s (dense count) | MFU | vs matmul {baseline or 0:.0f} | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"variant | TFLOP/s per device (dense count) | MFU | vs matmul {baseline or 0:.0f} | "
+          f"step GiB | process peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
         print(f"| {r['preset']} | {r['variant'] or '-'} | {r['params'] / 1e6:.1f}M | "
               f"{r['seq_len']} x {r['batch']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
               f"{r['vs_first_variant']:.2f}x | {r['tflops']:.0f} | {mfu} | "
-              f"{100 * (r['vs_matmul'] or 0):.0f}% | {r['peak_gib']:.1f} |")
+              f"{100 * (r['vs_matmul'] or 0):.0f}% | {r['step_gib']:.1f} | {r['peak_gib']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -322,8 +322,15 @@ def _init_from(source: str, state: TrainState, program: Program, layout: Any, is
     (matched by path) replace the fresh ones; the rest (a new gate) keeps its init. Optimizer
     state, step and data start afresh (AdamW's moments are zeros whatever the weights)."""
     fresh = {"params": state.params, "structure": state.structure}
-    restored, missing, step = restore_matching(
-        source, {"params": layout.abstract.params, "structure": layout.abstract.structure})
+    abstract = {"params": layout.abstract.params, "structure": layout.abstract.structure}
+    aliases = _warm_start_aliases(abstract)
+    restored, missing, step = restore_matching(source, _with_aliases(abstract, aliases))
+    for source_path, path in aliases.items():  # a dense run's kernel becomes ReLoRA's W0
+        if source_path in restored and path not in restored:
+            restored[path] = restored.pop(source_path)
+            missing.remove(path)
+        elif source_path in missing:
+            missing.remove(source_path)
     if not any(path.startswith("params/") for path in restored):
         raise CheckpointError(f"train.init_from: the checkpoint in '{source}' holds none of "
                               f"this model's parameters; is it a run of the same model?")
@@ -339,6 +346,32 @@ def _init_from(source: str, state: TrainState, program: Program, layout: Any, is
                                 layout.state.accounting)
     return dataclasses.replace(state, params=merged["params"], structure=merged["structure"],
                                accounting=accounting)
+
+
+def _warm_start_aliases(abstract: dict[str, Any]) -> dict[str, str]:
+    """{'params/<layer>/kernel': 'structure/<layer>/w0'} for every ReLoRA layer: ReLoRA's warm
+    start (Lialin et al.) begins from a full-rank run, whose kernel is this run's frozen W0.
+    The factors keep their init (B = 0), so the model starts as the dense run's function."""
+    aliases = {}
+    for path in flat_paths(abstract):
+        if path.startswith("structure/") and path.endswith("/w0"):
+            layer = path.removeprefix("structure/").removesuffix("/w0")
+            aliases[f"params/{layer}/kernel"] = path
+    return aliases
+
+
+def _with_aliases(abstract: dict[str, Any], aliases: dict[str, str]) -> dict[str, Any]:
+    """`abstract` as nested plain dicts, plus one entry per alias shaped like its target."""
+    leaves = flat_paths(abstract)
+    leaves.update({source_path: leaves[path] for source_path, path in aliases.items()})
+    tree: dict[str, Any] = {}
+    for path, leaf in leaves.items():
+        *parents, last = path.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return tree
 
 
 def _ppl(loss: float) -> float:
