@@ -14,7 +14,6 @@ Needs no dataset and no grain.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys

@@ -301,7 +301,7 @@ def test_error_bad_jsonl_names_file_and_line(tmp_path, line, needle):
     (tmp_path / "d.jsonl").write_text(f"{good}\n{good}\n{line}\n{good}\n")
     with pytest.raises(DataError) as e:
         prepare_dataset([str(tmp_path / "d.jsonl")], tmp_path / "ds", progress=False)
-    _one_line(e, f"d.jsonl:3:", needle)
+    _one_line(e, "d.jsonl:3:", needle)
 
 
 def test_error_bad_arguments(tmp_path, corpus):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import TrainHarness
 from spjax import parallel
 from spjax.config import load_config
 from spjax.errors import ConfigError
@@ -20,8 +21,6 @@ from spjax.model.structures import LinearFactory, dense_everywhere
 from spjax.model.transformer import (Attention, Transformer, closed_form_param_count,
                                      rope_tables)
 from spjax.train import flops
-from spjax.train.state import Program, init_state, state_layout
-from spjax.train.step import make_train_step
 
 # d 64, 4 heads of 16
 TINY = ["model=tiny", "model.d_model=64", "model.d_ff=96", "model.n_heads=4",
@@ -157,27 +156,10 @@ def test_mqa_with_heads_not_split_over_tensor_is_allowed():
     assert _config("model.n_heads=2", "parallel.tensor=4").model.kv_heads == 2
 
 
-class Run:
-    def __init__(self, *overrides: str, n_devices: int = 1):
-        self.config = _config("model.n_kv_heads=2", "data.batch_size=8", "train.steps=20",
-                              "optimizer.warmup_steps=1", "optimizer.lr=3e-3", *overrides)
-        self.program = Program.build(self.config)
-        self.mesh = parallel.make_mesh(self.config.parallel, jax.devices()[:n_devices])
-        self.rules = parallel.sharding_rules(self.config.parallel)
-        self.layout = state_layout(self.program, self.mesh, self.rules)
-        self.state = init_state(self.program, self.layout, seed=0)
-        self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
-        with parallel.activate(self.mesh, self.rules):
-            self._step = jax.jit(make_train_step(self.program),
-                                 in_shardings=(self.layout.state, self.batch_sharding),
-                                 out_shardings=(self.layout.state, None))
-
-    def step(self, tokens):
-        batch = parallel.host_to_global({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
-                                        self.batch_sharding)
-        with parallel.activate(self.mesh, self.rules):
-            self.state, metrics = self._step(self.state, batch)
-        return metrics
+def Run(*overrides: str, n_devices: int = 1) -> TrainHarness:
+    return TrainHarness(_config("model.n_kv_heads=2", "data.batch_size=8", "train.steps=20",
+                                "optimizer.warmup_steps=1", "optimizer.lr=3e-3", *overrides),
+                        n_devices)
 
 
 def test_gqa_tensor_parallel_training_equals_single_device():

@@ -2,7 +2,6 @@
 dense reference, expert/tensor/data/FSDP parallel equal to single device, checkpoints moving
 between meshes, bad input."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import TrainHarness
 from spjax import parallel
 from spjax.checkpoint import Checkpointer
 from spjax.config import load_config
@@ -17,8 +17,7 @@ from spjax.errors import ConfigError
 from spjax.model import moe as moe_lib
 from spjax.model.structures import LinearFactory, dense_everywhere
 from spjax.model.transformer import closed_form_param_count
-from spjax.train.state import Program, init_state, state_layout
-from spjax.train.step import make_train_step
+from spjax.train.state import Program
 
 MODEL = ["model=tiny", "model.d_model=32", "model.d_ff=64", "model.n_heads=2",
          "model.n_layers=2", "model.vocab_size=64", "model.compute_dtype=float32",
@@ -136,26 +135,8 @@ def _reference_with_keep(layer, x, gates, experts, keep):
     return out
 
 
-class Run:
-    def __init__(self, *overrides: str, n_devices: int = 1):
-        self.config = load_config(None, [*MODEL, "train.steps=20", *overrides])
-        self.program = Program.build(self.config)
-        self.mesh = parallel.make_mesh(self.config.parallel, jax.devices()[:n_devices])
-        self.rules = parallel.sharding_rules(self.config.parallel)
-        self.layout = state_layout(self.program, self.mesh, self.rules)
-        self.state = init_state(self.program, self.layout, seed=0)
-        self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
-        with parallel.activate(self.mesh, self.rules):
-            self._step = jax.jit(make_train_step(self.program),
-                                 in_shardings=(self.layout.state, self.batch_sharding),
-                                 out_shardings=(self.layout.state, None))
-
-    def step(self, tokens):
-        batch = parallel.host_to_global({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
-                                        self.batch_sharding)
-        with parallel.activate(self.mesh, self.rules):
-            self.state, metrics = self._step(self.state, batch)
-        return metrics
+def Run(*overrides: str, n_devices: int = 1) -> TrainHarness:
+    return TrainHarness(load_config(None, [*MODEL, "train.steps=20", *overrides]), n_devices)
 
 
 def _batches(n):

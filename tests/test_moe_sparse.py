@@ -5,8 +5,6 @@ N:M valid inside every expert, ERK per expert, masks sharded like their kernels 
 
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

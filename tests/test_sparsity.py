@@ -13,14 +13,15 @@ import numpy as np
 import optax
 import pytest
 
+from helpers import TrainHarness
 from spjax import parallel
 from spjax.config import CONFIGS_DIR, load_config
 from spjax.errors import ConfigError
 from spjax.sparsity.engine import get_path
 from spjax.train.optimizer import zero_moments
 from spjax.sparsity.masks import is_nm_valid
-from spjax.train.state import Program, init_state, state_layout
-from spjax.train.step import make_train_step, token_losses
+from spjax.train.state import Program
+from spjax.train.step import token_losses
 
 MODEL = ["model=tiny", "model.d_model=64", "model.d_ff=128", "model.n_heads=2",
          "model.n_layers=2", "model.vocab_size=64", "model.compute_dtype=float32",
@@ -28,36 +29,22 @@ MODEL = ["model=tiny", "model.d_model=64", "model.d_ff=128", "model.n_heads=2",
          "optimizer.lr=1e-2"]
 
 
-class Run:
+class Run(TrainHarness):
     """A program, its state on `n_devices`, a jitted step, and fresh random batches."""
 
     def __init__(self, *overrides: str, steps: int = 12, n_devices: int = 1, seed: int = 0):
-        config = load_config(None, [*MODEL, f"train.steps={steps}", *overrides])
-        if n_devices == 1:
-            config = load_config(None, [*MODEL, f"train.steps={steps}", *overrides,
-                                        "parallel.data=1"])
-        self.config = config
-        self.program = Program.build(config)
-        self.mesh = parallel.make_mesh(config.parallel, jax.devices()[:n_devices])
-        self.rules = parallel.sharding_rules(config.parallel)
-        self.layout = state_layout(self.program, self.mesh, self.rules)
-        self.state = init_state(self.program, self.layout, seed=0)
-        self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
-        with parallel.activate(self.mesh, self.rules):
-            self._step = jax.jit(make_train_step(self.program),
-                                 in_shardings=(self.layout.state, self.batch_sharding),
-                                 out_shardings=(self.layout.state, None))
+        single = ["parallel.data=1"] if n_devices == 1 else []
+        super().__init__(load_config(None, [*MODEL, f"train.steps={steps}", *overrides,
+                                            *single]), n_devices)
         self.rng = np.random.default_rng(seed)
         self.layers = self.program.sparsity.layers
 
     def step(self):
         tokens = self.rng.integers(0, 64, size=(8, 33), dtype=np.int32)
-        batch = parallel.host_to_global({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
-                                        self.batch_sharding)
-        self.last_batch = batch
+        self.last_batch = self.global_batch(tokens)
         before = self.state
         with parallel.activate(self.mesh, self.rules):
-            self.state, metrics = self._step(self.state, batch)
+            self.state, metrics = self._step(self.state, self.last_batch)
         return before, metrics
 
     def kernel(self, layer, state=None):

@@ -164,7 +164,7 @@ def test_a_failed_point_does_not_stop_the_others_and_is_retried(tmp_path, capsys
     out = capsys.readouterr().out
     assert code == 1, out
     failed_log = runs / "train.steps=6" / "sweep.log"
-    assert f"FAILED train.steps=6: exit 2: spjax: error: data.path '/nowhere'" in out
+    assert "FAILED train.steps=6: exit 2: spjax: error: data.path '/nowhere'" in out
     assert f"log: {failed_log}" in out
     assert "3 trained, 0 already finished, 1 failed" in out
     for steps in (5, 7, 8):
