@@ -15,13 +15,9 @@ Without --data the runs use the built-in default data (byte-level Python source)
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _launch import spjax_train  # bench/ is the script's directory, so on sys.path
 
 # method -> (overrides, peak learning rate). Learning rates are the papers' scripts' choices:
 # full rank <= 1e-3 (GaLore App. C.1), GaLore 0.01 with scale 0.25, SLTrain 3e-3, the benchmark
@@ -60,24 +56,13 @@ def run_method(name: str, args: argparse.Namespace) -> dict | None:
 
 def train(name: str, run_dir: Path, steps: int, lr: float, overrides: list[str],
           args: argparse.Namespace) -> dict | None:
-    """One `spjax train` run, skipped when its summary exists; None when it fails."""
-    summary = run_dir / "summary.json"
-    if not summary.exists():
-        command = [sys.executable, "-m", "spjax.cli", "train", str(ROOT / "configs/tiny.yaml"),
-                   f"model={args.model}", "model.vocab_size=0", "model.compute_dtype=bfloat16",
-                   *([f"data.path={args.data}"] if args.data else []),
-                   f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch}",
-                   f"train.steps={steps}", f"optimizer.lr={lr}", "optimizer.weight_decay=0.0",
-                   f"train.eval_every={max(1, args.steps // 4)}", "train.eval_batches=16",
-                   f"train.checkpoint_every={steps}", "train.progress=false",
-                   f"run_dir={run_dir}", *overrides, *args.overrides]
-        print(f"[{name}] {' '.join(command[3:])}", flush=True)
-        done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if done.returncode != 0:  # report it and go on: one broken method must not hide the rest
-            print(f"[{name}] FAILED with exit status {done.returncode}; its log is above, its "
-                  f"run dir {run_dir}", flush=True)
-            return None
-    return json.loads(summary.read_text())
+    return spjax_train(name, run_dir, [
+        f"model={args.model}", "model.vocab_size=0", "model.compute_dtype=bfloat16",
+        *([f"data.path={args.data}"] if args.data else []),
+        f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch}",
+        f"train.steps={steps}", f"optimizer.lr={lr}", "optimizer.weight_decay=0.0",
+        f"train.eval_every={max(1, args.steps // 4)}", "train.eval_batches=16",
+        f"train.checkpoint_every={steps}", "train.progress=false", *overrides, *args.overrides])
 
 
 def main() -> None:

@@ -13,13 +13,9 @@ whose summary.json exists. Without --data the runs use the built-in default data
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _launch import spjax_train  # bench/ is the script's directory, so on sys.path
 
 
 def runs(steps: int) -> dict[str, list[str]]:
@@ -39,29 +35,18 @@ def runs(steps: int) -> dict[str, list[str]]:
     }
 
 
-def run_one(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
+def run_one(name: str, overrides: list[str], args: argparse.Namespace) -> dict | None:
     run_dir = Path(args.run_root) / name.replace(" ", "_").replace("%", "").replace(":", "of")
-    summary = run_dir / "summary.json"
-    if not summary.exists():
-        command = [sys.executable, "-m", "spjax.cli", "train", str(ROOT / "configs/tiny.yaml"),
-                   f"model={args.model}", f"train.steps={args.steps}",
-                   f"train.eval_every={max(1, args.steps // 4)}",
-                   f"train.checkpoint_every={args.steps}", "train.progress=false",
-                   f"run_dir={run_dir}"]
-        if args.data:
-            command += [f"data.path={args.data}", "model.vocab_size=0"]
-        if args.batch:
-            command.append(f"data.batch_size={args.batch}")
-        if args.seq_len:
-            command.append(f"data.seq_len={args.seq_len}")
-        command += [*overrides, *args.overrides]
-        print(f"[{name}] {' '.join(command[3:])}", flush=True)
-        done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if done.returncode != 0:  # report it and go on: one broken method must not hide the rest
-            print(f"[{name}] FAILED with exit status {done.returncode}; its log is above, its "
-                  f"run dir {run_dir}", flush=True)
-            return None
-    return json.loads(summary.read_text())
+    command = [f"model={args.model}", f"train.steps={args.steps}",
+               f"train.eval_every={max(1, args.steps // 4)}",
+               f"train.checkpoint_every={args.steps}", "train.progress=false"]
+    if args.data:
+        command += [f"data.path={args.data}", "model.vocab_size=0"]
+    if args.batch:
+        command.append(f"data.batch_size={args.batch}")
+    if args.seq_len:
+        command.append(f"data.seq_len={args.seq_len}")
+    return spjax_train(name, run_dir, [*command, *overrides, *args.overrides])
 
 
 def main() -> None:
