@@ -160,6 +160,30 @@ def test_mosaic_gpu_kernels_in_interpret_mode_match_the_reference(case):
     assert np.all(np.asarray(dw)[pruned] == 0.0)
 
 
+@pytest.mark.parametrize("implementation", ["mosaic_interpret,interpret,xla",
+                                            "xla,mosaic_interpret,interpret"])
+def test_one_implementation_per_product_matches_the_reference(implementation):
+    """Forward, input grad and weight grad each on its own kernel family; rows padded to the
+    largest row tile among them (200 -> 256)."""
+    t, k, n, block = 200, 256, 256, 64
+    x, w, mask, dy = _inputs(t, k, n, block, 0.5, "empty_rows_and_cols", jnp.bfloat16, seed=7)
+    layout = build_layout(mask)
+    y, vjp = jax.vjp(lambda x, w: block_sparse_matmul(x, w, layout, block=block,
+                                                      implementation=implementation), x, w)
+    dx, dw = vjp(dy)
+    for ours, ref in zip((y, dx, dw), _reference_grads(x, w, mask, dy, block)):
+        assert ours.shape == ref.shape
+        assert _relative_error(ours, ref) < 5e-3
+
+
+@pytest.mark.parametrize("implementation", ["mosaic,pallas", "pallas,pallas,triton", "cuda"])
+def test_a_bad_implementation_names_the_choices(implementation):
+    x, w = jnp.ones((64, 64), jnp.bfloat16), jnp.ones((64, 64), jnp.bfloat16)
+    with pytest.raises(BlockSparseError, match="forward,input_grad,weight_grad"):
+        block_sparse_matmul(x, w, build_layout(jnp.ones((1, 1), bool)), block=64,
+                            implementation=implementation)
+
+
 def test_mosaic_rejects_what_wgmma_cannot_take():
     x, w = jnp.ones((128, 128), jnp.float32), jnp.ones((128, 128), jnp.float32)
     layout = build_layout(jnp.ones((4, 4), bool))
@@ -171,7 +195,7 @@ def test_mosaic_rejects_what_wgmma_cannot_take():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("implementation", ["pallas", "mosaic"])
+@pytest.mark.parametrize("implementation", ["pallas", "mosaic", "mosaic,pallas,pallas"])
 @pytest.mark.parametrize("block", [64, 128])
 @pytest.mark.parametrize("density", [0.1, 0.25, 0.5, 1.0])
 def test_gpu_kernels_match_the_reference(implementation, block, density):

@@ -420,3 +420,12 @@ def test_block_kernel_layers_train_exactly_like_masked_dense_ones(method):
         structure = kernel.program.sparsity.prepare(jnp.int32(1), kernel.state.structure)
         flag = get_path(structure, kernel.layers[0].path)["dense_grad"]
         assert bool(flag)  # the step completing t = 2 regrows: dense path
+
+
+def test_mosaic_fwd_runs_the_forward_on_mosaic_and_the_gradients_on_triton():
+    from spjax.sparsity.engine import layer_assignment
+
+    config = load_config(None, [*MODEL, "sparsity.method=static", "sparsity.pattern=block",
+                                "sparsity.block=64", "sparsity.kernel=mosaic_fwd"])
+    spec = layer_assignment(config.sparsity)("layers/0/mlp/up")
+    assert (spec.structure, spec.kernel) == ("blocksparse", "mosaic,pallas,pallas")

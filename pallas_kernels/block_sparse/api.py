@@ -8,6 +8,8 @@ pruned tiles:
   implementation="mosaic"            Pallas Mosaic GPU kernels (kernel_mgpu.py: TMA + wgmma),
                                      Hopper; bf16/f16 inputs, blocks 64 and 128
   implementation="mosaic_interpret"  the same, under Mosaic GPU's interpret mode on CPU (tests)
+  implementation="mosaic,pallas,pallas"  one per product: forward, input grad, weight grad
+                                     (each measured on its own; the fastest may differ)
 
 The weight gradient is dW = (X^T dY) * M: zero at pruned tiles, exactly the gradient of
 X (W * M). x may have any leading dimensions; they are flattened into T rows and padded to a
@@ -63,16 +65,25 @@ TUNED_TILINGS: dict[int, Tilings] = {
 }
 
 
+def per_product(implementation: str) -> tuple[str, str, str]:
+    """'pallas' -> ('pallas',) * 3; 'mosaic,pallas,pallas' -> (forward, input grad, weight
+    grad) implementations. A BlockSparseError names a bad one."""
+    parts = tuple(p.strip() for p in implementation.split(","))
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3 or any(p not in IMPLEMENTATIONS for p in parts):
+        raise BlockSparseError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, or "
+                               f"three of them for forward,input_grad,weight_grad (e.g. "
+                               f"'mosaic,pallas,pallas'), got {implementation!r}")
+    return parts  # type: ignore[return-value]
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     block: int
-    implementation: str
+    implementations: tuple[str, str, str]  # forward, input grad, weight grad
     tilings: Tilings
     mosaic: kernel_mgpu.MosaicTiling = kernel_mgpu.MosaicTiling()
-
-    @property
-    def is_mosaic(self) -> bool:
-        return self.implementation.startswith("mosaic")
 
 
 def block_sparse_matmul(x: jax.Array, w: jax.Array, layout: BlockLayout, *, block: int,
@@ -87,17 +98,19 @@ def block_sparse_matmul(x: jax.Array, w: jax.Array, layout: BlockLayout, *, bloc
         tilings = Tilings(*(dataclasses.replace(t, rows=block_t) for t in
                             (tilings.forward, tilings.input_grad, tilings.weight_grad)))
     mosaic = mosaic or kernel_mgpu.MosaicTiling()
-    _check(x, w, layout, block, implementation, tilings)
-    row_tile = max(tilings.forward.rows, tilings.input_grad.rows, tilings.weight_grad.rows)
-    if implementation.startswith("mosaic"):
-        row_tile = max(mosaic.block_m, mosaic.block_k)
+    implementations = per_product(implementation)
+    _check(x, w, layout, block, implementations, tilings)
+    # rows are padded to a multiple of every row tile in use (all powers of two)
+    row_tile = max(max(mosaic.block_m, mosaic.block_k) if impl.startswith("mosaic") else t.rows
+                   for impl, t in zip(implementations, (tilings.forward, tilings.input_grad,
+                                                        tilings.weight_grad)))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     rows = x2.shape[0]
     padded = -(-rows // row_tile) * row_tile  # powers of two: a multiple of every row tile
     if padded != rows:  # pad with zero rows; they contribute nothing to dW
         x2 = jnp.pad(x2, ((0, padded - rows), (0, 0)))
-    settings = Settings(block, implementation, tilings, mosaic)
+    settings = Settings(block, implementations, tilings, mosaic)
     y = _matmul(x2, w, layout, settings)
     return y[:rows].reshape(*lead, w.shape[1])
 
@@ -108,44 +121,55 @@ def _matmul(x, w, layout, settings):
 
 
 def _forward(x, w, layout, s):
-    if s.implementation == "xla":
+    impl = s.implementations[0]
+    if impl == "xla":
         return reference.matmul(x, w, layout.block_mask, s.block)
-    if s.is_mosaic:
+    if impl.startswith("mosaic"):
         return kernel_mgpu.forward(x, w.astype(x.dtype), layout.col_table, layout.col_count,
                                    block=s.block, tiling=s.mosaic,
-                                   interpret=s.implementation == "mosaic_interpret")
+                                   interpret=impl == "mosaic_interpret")
     t = s.tilings.forward
     return kernel.forward(x, w.astype(x.dtype), layout.col_table, layout.col_count,
-                          block=s.block, block_t=t.rows,
-                          interpret=s.implementation == "interpret", num_warps=t.num_warps,
-                          num_stages=t.num_stages)
+                          block=s.block, block_t=t.rows, interpret=impl == "interpret",
+                          num_warps=t.num_warps, num_stages=t.num_stages)
 
 
 def _matmul_fwd(x, w, layout, settings):
     return _forward(x, w, layout, settings), (x, w, layout)
 
 
+def _input_grad(dy, w, layout, s):
+    impl = s.implementations[1]
+    if impl == "xla":
+        return reference.input_grad(dy, w, layout.block_mask, s.block)
+    if impl.startswith("mosaic"):
+        return kernel_mgpu.input_grad(dy, w, layout.row_table, layout.row_count, block=s.block,
+                                      tiling=s.mosaic, interpret=impl == "mosaic_interpret")
+    t = s.tilings.input_grad
+    return kernel.input_grad(dy, w, layout.row_table, layout.row_count, block=s.block,
+                             block_t=t.rows, interpret=impl == "interpret",
+                             num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def _weight_grad(x, dy, layout, out_dtype, s):
+    impl = s.implementations[2]
+    if impl == "xla":
+        return reference.weight_grad(x, dy, layout.block_mask, s.block)
+    if impl.startswith("mosaic"):
+        return kernel_mgpu.weight_grad(x, dy, layout.block_mask, block=s.block,
+                                       out_dtype=out_dtype, tiling=s.mosaic,
+                                       interpret=impl == "mosaic_interpret")
+    t = s.tilings.weight_grad
+    return kernel.weight_grad(x, dy, layout.block_mask, block=s.block, block_t=t.rows,
+                              interpret=impl == "interpret", out_dtype=out_dtype,
+                              num_warps=t.num_warps, num_stages=t.num_stages)
+
+
 def _matmul_bwd(s, residuals, dy):
     x, w, layout = residuals
-    if s.implementation == "xla":
-        dx = reference.input_grad(dy, w.astype(dy.dtype), layout.block_mask, s.block)
-        dw = reference.weight_grad(x, dy.astype(x.dtype), layout.block_mask, s.block)
-    elif s.is_mosaic:
-        interpret = s.implementation == "mosaic_interpret"
-        dy = dy.astype(x.dtype)
-        dx = kernel_mgpu.input_grad(dy, w.astype(dy.dtype), layout.row_table, layout.row_count,
-                                    block=s.block, tiling=s.mosaic, interpret=interpret)
-        dw = kernel_mgpu.weight_grad(x, dy, layout.block_mask, block=s.block,
-                                     out_dtype=w.dtype, tiling=s.mosaic, interpret=interpret)
-    else:
-        interpret = s.implementation == "interpret"
-        tx, tw = s.tilings.input_grad, s.tilings.weight_grad
-        dx = kernel.input_grad(dy, w.astype(dy.dtype), layout.row_table, layout.row_count,
-                               block=s.block, block_t=tx.rows, interpret=interpret,
-                               num_warps=tx.num_warps, num_stages=tx.num_stages)
-        dw = kernel.weight_grad(x, dy.astype(x.dtype), layout.block_mask, block=s.block,
-                                block_t=tw.rows, interpret=interpret, out_dtype=w.dtype,
-                                num_warps=tw.num_warps, num_stages=tw.num_stages)
+    dy = dy.astype(x.dtype)
+    dx = _input_grad(dy, w.astype(dy.dtype), layout, s)
+    dw = _weight_grad(x, dy, layout, w.dtype, s)
     no_grad = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), layout)
     return dx.astype(x.dtype), dw.astype(w.dtype), no_grad
 
@@ -153,10 +177,7 @@ def _matmul_bwd(s, residuals, dy):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _check(x, w, layout, block, implementation, tilings: Tilings) -> None:
-    if implementation not in IMPLEMENTATIONS:
-        raise BlockSparseError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, "
-                               f"got {implementation!r}")
+def _check(x, w, layout, block, implementations: tuple[str, ...], tilings: Tilings) -> None:
     if w.ndim != 2 or x.shape[-1] != w.shape[0]:
         raise BlockSparseError(f"x {x.shape} and w {w.shape} do not multiply: x's last "
                                f"dimension must equal w's first")
@@ -175,7 +196,7 @@ def _check(x, w, layout, block, implementation, tilings: Tilings) -> None:
     for t in (tilings.forward, tilings.input_grad, tilings.weight_grad):
         if t.rows <= 0 or t.rows & (t.rows - 1):
             raise BlockSparseError(f"row tile (block_t) must be a power of two, got {t.rows}")
-    if implementation.startswith("mosaic"):
+    if any(impl.startswith("mosaic") for impl in implementations):
         if x.dtype not in MOSAIC_DTYPES:
             raise BlockSparseError(f"the Mosaic GPU kernels take bfloat16 or float16 inputs, "
                                    f"got x of {x.dtype}; cast the activations (compute_dtype)"

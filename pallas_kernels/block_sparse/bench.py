@@ -4,8 +4,8 @@ For each shape (T x K x N), block size and sparsity, times with random bf16 data
   - XLA dense: Y = X W, and forward + backward (dX, dW) through jax.vjp;
   - the Pallas block-sparse kernels, forward and forward + backward;
   - the same Pallas kernels with every tile kept ("dense Pallas"), the per-block baseline;
-for each kernel family (--implementations): `pallas` (Triton lowering, kernel.py) and
-`mosaic` (Mosaic GPU, kernel_mgpu.py).
+for each kernel family (--implementations): `pallas` (Triton lowering, kernel.py),
+`mosaic` (Mosaic GPU, kernel_mgpu.py), and `mosaic_fwd` (Mosaic forward, Triton gradients).
 Prints speed-ups over XLA dense and the per-non-zero-block efficiency:
   (non-zero FLOPs / sparse time) / (dense FLOPs / dense-Pallas time).
 
@@ -30,7 +30,10 @@ from pallas_kernels.timing import median_seconds
 ON_GPU = jax.default_backend() == "gpu"
 # On CPU the interpreters stand in, so the script itself can be checked with tiny shapes.
 RUNS_AS = {"pallas": "pallas" if ON_GPU else "interpret",
-           "mosaic": "mosaic" if ON_GPU else "mosaic_interpret"}
+           "mosaic": "mosaic" if ON_GPU else "mosaic_interpret",
+           # forward on Mosaic GPU, both gradients on Triton (spjax's sparsity.kernel=mosaic_fwd)
+           "mosaic_fwd": "mosaic,pallas,pallas" if ON_GPU else
+                         "mosaic_interpret,interpret,interpret"}
 
 
 def random_mask(key, shape, density: float) -> jax.Array:
@@ -171,7 +174,8 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.5,0.75,0.9")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--implementations", default="pallas,mosaic",
-                        help="pallas (Triton lowering) and/or mosaic (Mosaic GPU)")
+                        help="of pallas (Triton lowering), mosaic (Mosaic GPU), mosaic_fwd "
+                             "(Mosaic forward, Triton gradients)")
     parser.add_argument("--sweep", action="store_true",
                         help="instead: tune each kernel's tiling at the first shape, 75%% sparse")
     parser.add_argument("--json", default="")

@@ -38,7 +38,7 @@ class LinearSpec:
     alpha: float = 0.0  # low-rank structures with a scale: W = (alpha / r) A B
     density: float = 0.0  # SLTrain: density delta of the random sparse support; LOST: channels
     block: int = 0  # block-sparse kernels: tile size b
-    kernel: str = ""  # block-sparse kernels: "xla" | "pallas" | "interpret"
+    kernel: str = ""  # block-sparse kernels: an implementation of block_sparse_matmul
 
 
 def normal_init(std: float) -> Callable:

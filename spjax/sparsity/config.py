@@ -102,9 +102,10 @@ class SparsityConfig:
     # block pattern: 'auto' runs the Pallas block-sparse kernels on GPU (all three products
     # skip pruned tiles) and their plain-jnp reference elsewhere; 'none' simulates the mask
     # in dense matmuls (MaskedLinear); 'xla' / 'pallas' (Triton lowering) / 'interpret' /
-    # 'mosaic' (Mosaic GPU, Hopper, bf16, blocks 64/128) / 'mosaic_interpret' force one
+    # 'mosaic' (Mosaic GPU, Hopper, bf16, blocks 64/128) / 'mosaic_interpret' force one;
+    # 'mosaic_fwd' runs the forward on Mosaic GPU and both gradients on the Triton kernels
     kernel: Literal["auto", "none", "xla", "pallas", "interpret", "mosaic",
-                    "mosaic_interpret"] = "auto"
+                    "mosaic_interpret", "mosaic_fwd"] = "auto"
     distribution: Literal["uniform", "erk"] = "uniform"
     # layer name -> 'sparse' (density from the distribution), 'dense', or an explicit density
     rules: RuleList = DEFAULT_LAYER_RULES

@@ -36,6 +36,10 @@ def layer_rules(config: SparsityConfig) -> Rules:
     return Rules.from_pairs(config.rules, source="sparsity.rules")
 
 
+# Config names for per-product implementations (forward, input grad, weight grad)
+KERNEL_COMBINATIONS = {"mosaic_fwd": "mosaic,pallas,pallas"}
+
+
 def layer_assignment(config: SparsityConfig) -> Callable[[str], LinearSpec]:
     """Linear-factory assignment: masked where the rules say 'sparse' or give a density."""
     if not config.enabled:
@@ -46,6 +50,7 @@ def layer_assignment(config: SparsityConfig) -> Callable[[str], LinearSpec]:
         kernel = config.kernel
         if kernel == "auto":
             kernel = "pallas" if jax.default_backend() == "gpu" else "xla"
+        kernel = KERNEL_COMBINATIONS.get(kernel, kernel)
         sparse = LinearSpec("blocksparse", block=config.block, kernel=kernel)
 
     def assign(name: str) -> LinearSpec:
