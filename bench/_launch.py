@@ -27,3 +27,31 @@ def spjax_train(name: str, run_dir: Path, overrides: list[str]) -> dict | None:
                   f"run dir {run_dir}", flush=True)
             return None
     return json.loads(summary.read_text())
+
+
+def plot_metric(run_dirs: dict[str, Path], key: str, out: Path, title: str) -> None:
+    """One line per run of `key` (e.g. 'val_loss' or 'loss') from its metrics.jsonl, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, run_dir in run_dirs.items():
+        path = Path(run_dir) / "metrics.jsonl"
+        if not path.exists():
+            continue
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key.startswith("val") else None,
+                    markersize=3, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    print(f"plot: {out}", flush=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _launch import spjax_train  # bench/ is the script's directory, so on sys.path
+from _launch import plot_metric, spjax_train  # bench/ is the script's directory, so on sys.path
 
 
 def variants(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -48,6 +48,7 @@ def main() -> None:
                         help="share of the steps the learned layers run dense while the gate "
                              "distills")
     parser.add_argument("--run-root", default="runs/attention_compare")
+    parser.add_argument("--plot", default="", help="also draw the validation curves to this PNG")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = parser.parse_args()
 
@@ -58,10 +59,11 @@ def main() -> None:
               f"train.checkpoint_every={args.steps}", "train.progress=false"]
     if args.data:
         common += [f"data.path={args.data}", "model.vocab_size=0"]
-    rows = []
+    rows, run_dirs = [], {}
     for name, overrides in variants(args).items():
-        run_dir = Path(args.run_root) / name.split(",")[0].replace(" ", "_").replace("+", "")
-        rows.append((name, spjax_train(name, run_dir, [*common, *overrides, *args.overrides])))
+        run_dirs[name] = Path(args.run_root) / name.split(",")[0].replace(" ", "_").replace("+", "")
+        rows.append((name, spjax_train(name, run_dirs[name],
+                                       [*common, *overrides, *args.overrides])))
     dense = rows[0][1]
     print(f"\n{args.model}, {args.steps} steps x {args.batch} x {args.seq_len} tokens, block "
           f"{args.block}, data {args.data or 'built-in default'}")
@@ -75,6 +77,9 @@ def main() -> None:
         ratio = s["attention_flops_per_token"] / s["dense_attention_flops_per_token"]
         print(f"| {name} | {s['final_val_loss']:.4f} | {delta} | {ratio:.3f} | "
               f"{s['tokens_per_s']:,.0f} |")
+    if args.plot:
+        plot_metric(run_dirs, "val_loss", Path(args.plot),
+                    f"{args.model}, seq {args.seq_len}: validation loss by attention pattern")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _launch import spjax_train  # bench/ is the script's directory, so on sys.path
+from _launch import plot_metric, spjax_train  # bench/ is the script's directory, so on sys.path
 
 # method -> (overrides, peak learning rate). Learning rates are the papers' scripts' choices:
 # full rank <= 1e-3 (GaLore App. C.1), GaLore 0.01 with scale 0.25, SLTrain 3e-3, the benchmark
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--run-root", default="runs/lowrank_compare")
+    parser.add_argument("--plot", default="", help="also draw the validation curves to this PNG")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = parser.parse_args()
@@ -100,6 +101,10 @@ def main() -> None:
               f"{rate:,.0f} | {published} |")
     for name in failed:
         print(f"| {name} | failed: see its log above | | | | | {PUBLISHED_60M.get(name, '')} |")
+
+    if args.plot:
+        plot_metric({name: Path(args.run_root) / name for name in args.methods.split(",")},
+                    "val_loss", Path(args.plot), f"{args.model}: validation loss by method")
 
 
 if __name__ == "__main__":

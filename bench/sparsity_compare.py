@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _launch import spjax_train  # bench/ is the script's directory, so on sys.path
+from _launch import plot_metric, spjax_train  # bench/ is the script's directory, so on sys.path
 
 
 def runs(steps: int) -> dict[str, list[str]]:
@@ -35,8 +35,12 @@ def runs(steps: int) -> dict[str, list[str]]:
     }
 
 
+def run_dir_of(name: str, args: argparse.Namespace) -> Path:
+    return Path(args.run_root) / name.replace(" ", "_").replace("%", "").replace(":", "of")
+
+
 def run_one(name: str, overrides: list[str], args: argparse.Namespace) -> dict | None:
-    run_dir = Path(args.run_root) / name.replace(" ", "_").replace("%", "").replace(":", "of")
+    run_dir = run_dir_of(name, args)
     command = [f"model={args.model}", f"train.steps={args.steps}",
                f"train.eval_every={max(1, args.steps // 4)}",
                f"train.checkpoint_every={args.steps}", "train.progress=false"]
@@ -58,6 +62,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=0, help="default: the config's")
     parser.add_argument("--run-root", default="runs/sparsity_compare")
     parser.add_argument("--only", default="", help="comma-separated subset of the run names")
+    parser.add_argument("--plot", default="", help="also draw the validation curves to this PNG")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = parser.parse_args()
 
@@ -77,6 +82,10 @@ def main() -> None:
               f" | {s['avg_nonzero_params'] / 1e6:.3f}M | {s['train_flops_vs_dense']:.2f} |")
     for name in failed:
         print(f"| {name} | failed: see its log above | | | | |")
+
+    if args.plot:
+        plot_metric({name: run_dir_of(name, args) for name, _ in rows}, "val_loss",
+                    Path(args.plot), f"{args.model}: validation loss, sparse methods vs dense")
 
 
 if __name__ == "__main__":
