@@ -326,3 +326,20 @@ def test_slurm_runner_runs_a_job_array_and_reports_a_failed_point(slurm, tmp_pat
     assert "#SBATCH --array=0-2" in script.read_text()
     assert main(["sweep", "collect", str(spec)]) == 0
     assert len(list(csv.DictReader((runs / "runs.csv").open()))) == 2
+
+
+def test_each_parallel_slot_gets_its_own_gpus(monkeypatch):
+    from spjax.errors import SweepError
+    from spjax.sweep.runners import slot_envs
+
+    for key in ("CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+                "XLA_PYTHON_CLIENT_PREALLOCATE"):
+        monkeypatch.delenv(key, raising=False)
+    owned = slot_envs(2, gpus=4)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in owned] == ["0,1", "2,3"]
+    assert all("XLA_PYTHON_CLIENT_MEM_FRACTION" not in e for e in owned)  # whole GPUs each
+    shared = slot_envs(2)  # one GPU shared: memory split, no device assignment
+    assert [e.get("XLA_PYTHON_CLIENT_MEM_FRACTION") for e in shared] == ["0.450", "0.450"]
+    assert all("CUDA_VISIBLE_DEVICES" not in e for e in shared)
+    with pytest.raises(SweepError, match="multiple of --parallel"):
+        slot_envs(2, gpus=3)

@@ -1,6 +1,6 @@
 """The `spjax sweep` and `spjax fit` subcommands (argument parsing and reporting only).
 
-    spjax sweep SPEC [--runner local|slurm] [--parallel N] [--out DIR] [--dry-run]
+    spjax sweep SPEC [--runner local|slurm] [--parallel N] [--gpus G] [--out DIR] [--dry-run]
     spjax sweep collect SPEC [--out DIR] [--csv PATH]
     spjax fit RUNS.csv [--law chinchilla|avg-params] [--exclude-top-loss K] [--out fit.json]
               [--bootstrap 200] [--starts 32] [--where column=value ...] [--no-plots]
@@ -21,7 +21,8 @@ from spjax.errors import SweepError
 def add_parsers(commands: Any) -> None:
     sweep = commands.add_parser(
         "sweep", help="run a sweep spec's points, or collect their results into a CSV",
-        usage="spjax sweep SPEC [--runner local|slurm] [--parallel N] [--out DIR] [--dry-run]\n"
+        usage="spjax sweep SPEC [--runner local|slurm] [--parallel N] [--gpus G] [--out DIR] "
+              "[--dry-run]\n"
               "       spjax sweep collect SPEC [--out DIR] [--csv PATH]")
     sweep.add_argument("target", metavar="SPEC|collect",
                        help="a sweep spec (YAML, e.g. configs/sweeps/tiny_cpu.yaml), or "
@@ -32,6 +33,9 @@ def add_parsers(commands: Any) -> None:
     sweep.add_argument("--parallel", type=int, default=None,
                        help="points at once: local processes (default 1) or SLURM array tasks "
                             "(default: as many as SLURM allows)")
+    sweep.add_argument("--gpus", type=int, default=0,
+                       help="local: the host's GPU count; each of the --parallel points gets "
+                            "its own G/N of them (default 0: points share the visible GPUs)")
     sweep.add_argument("--out", help="folder of the run dirs (default: the spec's 'out')")
     sweep.add_argument("--csv", help="collect: the table to write (default OUT/runs.csv)")
     sweep.add_argument("--dry-run", action="store_true",
@@ -75,6 +79,9 @@ def _sweep(args: argparse.Namespace) -> int:
                          f"spjax sweep collect SPEC)")
     if args.parallel is not None and args.parallel < 1:
         raise SweepError(f"--parallel must be >= 1, got {args.parallel}")
+    if args.gpus < 0 or (args.gpus and args.runner != "local"):
+        raise SweepError(f"--gpus ({args.gpus}) must be >= 0 and is for --runner local; SLURM "
+                         f"gives each array task its GPUs itself")
     spec = load_spec(args.spec if collecting else args.target, out=args.out)
     if collecting:
         from spjax.sweep.collect import collect
@@ -98,7 +105,8 @@ def _sweep(args: argparse.Namespace) -> int:
     parallel = args.parallel if args.parallel is not None else (1 if args.runner == "local"
                                                                  else 0)
     try:
-        return run_sweep(spec, args.runner, parallel, progress_every=args.progress_every)
+        return run_sweep(spec, args.runner, parallel, progress_every=args.progress_every,
+                         gpus=args.gpus)
     except SweepInterrupted as e:
         print(f"spjax: {e}", file=sys.stderr)
         return 130

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Literal, TextIO
 
 from spjax.config import Config
-from spjax.errors import SpjaxError
+from spjax.errors import SpjaxError, SweepError
 from spjax.sweep.spec import Point, SweepSpec
 from spjax.sweep.status import Status, check_marker, last_step, point_status, write_marker
 
@@ -157,7 +157,7 @@ def report(outcomes: list[Outcome], out: TextIO) -> int:
 
 
 def run_sweep(spec: SweepSpec, runner: str = "local", parallel: int = 1,
-              out: TextIO | None = None, progress_every: float = 30.0) -> int:
+              out: TextIO | None = None, progress_every: float = 30.0, gpus: int = 0) -> int:
     out = out or sys.stdout
     planned = plan(spec)
     print(f"sweep {spec.name}: {describe(planned)}; run dirs under {display(spec.out)}",
@@ -169,7 +169,7 @@ def run_sweep(spec: SweepSpec, runner: str = "local", parallel: int = 1,
     progress = Progress(len(planned), len(outcomes), out, progress_every)
     if todo:
         if runner == "local":
-            outcomes += run_local(spec, todo, parallel, progress)
+            outcomes += run_local(spec, todo, parallel, progress, gpus=gpus)
         else:
             from spjax.sweep.slurm import run_slurm
 
@@ -192,23 +192,37 @@ def terminate_on_sigterm() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
-def _env(parallel: int) -> dict[str, str]:
+def slot_envs(parallel: int, gpus: int = 0) -> list[dict[str, str]]:
+    """The environment of each of the `parallel` slots. With `gpus` (the host's GPU count, a
+    multiple of `parallel`) each slot owns gpus/parallel GPUs through CUDA_VISIBLE_DEVICES;
+    without, the slots share the visible devices."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if gpus:
+        if gpus % parallel:
+            raise SweepError(f"--gpus {gpus} must be a multiple of --parallel {parallel}, so "
+                             f"that every point gets the same GPUs")
+        per = gpus // parallel
+        return [{**env, "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in
+                                                         range(s * per, (s + 1) * per))}
+                for s in range(parallel)]
     # Several points on one GPU: JAX would give the first process 75% of the memory and
     # the others would run out; share it out instead. A user's own setting wins.
     if parallel > 1 and not any(k in env for k in ("XLA_PYTHON_CLIENT_MEM_FRACTION",
                                                    "XLA_PYTHON_CLIENT_PREALLOCATE")):
         env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / parallel:.3f}"
-    return env
+    return [env] * parallel
 
 
 def run_local(spec: SweepSpec, todo: list[Planned], parallel: int,
-              progress: Progress, poll_s: float = 0.5) -> list[Outcome]:
-    """Up to `parallel` points at once, each a `spjax train` subprocess logging to its dir."""
+              progress: Progress, poll_s: float = 0.5, gpus: int = 0) -> list[Outcome]:
+    """Up to `parallel` points at once, each a `spjax train` subprocess logging to its dir;
+    with `gpus`, each on its own share of the host's GPUs (slot_envs)."""
     queue = list(todo)
     running: dict[int, tuple[Planned, subprocess.Popen, TextIO]] = {}
     outcomes: list[Outcome] = []
-    env = _env(parallel)
+    envs = slot_envs(parallel, gpus)
+    free_slots = list(range(parallel))
+    slot_of: dict[int, int] = {}
     restore = terminate_on_sigterm()
     try:
         while queue or running:
@@ -221,8 +235,11 @@ def run_local(spec: SweepSpec, todo: list[Planned], parallel: int,
                 log.flush()
                 # Own session: a Ctrl-C at the terminal reaches only the sweep, which then
                 # sends each point exactly one SIGTERM (a second one would abort its save).
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                slot = free_slots.pop(0)
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                        env=envs[slot], stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+                slot_of[planned.point.index] = slot
                 running[planned.point.index] = (planned, proc, log)
                 progress.started(planned)
             for index, (planned, proc, log) in list(running.items()):
@@ -231,6 +248,7 @@ def run_local(spec: SweepSpec, todo: list[Planned], parallel: int,
                     continue
                 log.close()
                 del running[index]
+                free_slots.append(slot_of.pop(index))
                 status = point_status(planned.point, planned.config)
                 if code == 0 and status.kind == "done":
                     outcomes.append(Outcome(planned.point, "done"))
