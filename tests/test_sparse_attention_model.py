@@ -141,3 +141,23 @@ def test_a_sequence_the_block_does_not_divide_names_the_layer():
     model = Transformer(config.model, nnx.Rngs(0))
     with pytest.raises(ConfigError, match="layer 'layers/0/attn' at sequence length 40"):
         model(_tokens(0, (1, 40)))
+
+
+def test_training_flops_count_the_attention_the_pattern_computes():
+    """The accounting's train FLOPs follow the attention pattern; 'vs dense' compares with
+    dense weights and dense causal attention."""
+    from spjax.train import flops as flops_lib
+    from spjax.train.state import Program
+
+    sizes = ["model=tiny", "model.n_layers=2", "model.vocab_size=64", "data.seq_len=256",
+             "model.attention_pattern.block=32"]
+    window_config = load_config(None, [
+        *sizes, 'model.attention_pattern.rules=[["layers/0/.*", sliding_window], [".*", dense]]',
+        "model.attention_pattern.window=64"])
+    dense = Program.build(load_config(None, sizes)).accounting
+    window = Program.build(window_config).accounting
+    computed, full = flops_lib.attention_flops_per_token(window_config.model, 256)
+    assert computed < full == dense.dense_attention_flops_per_token
+    assert window.dense_flops_per_token == dense.dense_flops_per_token  # the same baseline
+    saved = float(dense.measure(None)["flops_per_token"] - window.measure(None)["flops_per_token"])
+    assert saved > 0 and saved == pytest.approx(full - computed, rel=1e-6)

@@ -5,8 +5,9 @@
 - training FLOPs per token actually needed: forward and input gradient at the non-zeros of
   each masked layer, weight gradient at the non-zeros for hard-mask methods (sparse training
   needs no gradient of pruned weights) but dense for straight-through methods, plus the dense
-  layers and causal attention exactly as in train/flops.py. Embedding lookups and norms do
-  no matmul work.
+  layers, and the causal attention that each layer's attention pattern computes
+  (train/flops.py; learned gates at their nominal density). "vs dense" compares with dense
+  weights and dense causal attention. Embedding lookups and norms do no matmul work.
 """
 
 from __future__ import annotations
@@ -27,19 +28,20 @@ from spjax.train import flops as flops_lib
 class Accounting:
     total_params: int  # dense count of every parameter
     matmul_params: int  # dense count of parameters in matmuls (all linear layers)
-    attention_flops_per_token: float
+    attention_flops_per_token: float  # what the layers' attention patterns compute
     engine: SparsityEngine | None
     # share of tokens each expert of an (E, I, O) stack multiplies: top_k / E (balanced
     # routing, as train/flops.py counts the dense model)
     expert_fraction: float = 1.0
+    dense_attention_flops_per_token: float = 0.0  # dense causal attention, the baseline
 
     @classmethod
     def build(cls, config: ModelConfig, seq_len: int, total_params: int,
               engine: SparsityEngine | None) -> Accounting:
-        attention = flops_lib.train_flops_per_token(config, seq_len) \
-            - 6 * flops_lib.matmul_params(config)
+        attention, dense_attention = flops_lib.attention_flops_per_token(config, seq_len)
         fraction = config.moe.top_k / config.moe.num_experts if config.moe.num_experts else 1.0
-        return cls(total_params, flops_lib.matmul_params(config), attention, engine, fraction)
+        return cls(total_params, flops_lib.matmul_params(config), attention, engine, fraction,
+                   dense_attention)
 
     def _per_token(self, layer) -> float:
         """How many times per token a weight of `layer` is used in the forward."""
@@ -47,13 +49,14 @@ class Accounting:
 
     @property
     def dense_flops_per_token(self) -> float:
-        return 6 * self.matmul_params + self.attention_flops_per_token
+        return 6 * self.matmul_params + self.dense_attention_flops_per_token
 
     def measure(self, structure: Any) -> dict[str, jax.Array]:
         """Current non-zero parameters and training FLOPs per token (fp32 scalars)."""
         if self.engine is None:
             return {"nonzero_params": jnp.float32(self.total_params),
-                    "flops_per_token": jnp.float32(self.dense_flops_per_token)}
+                    "flops_per_token": jnp.float32(6 * self.matmul_params
+                                                   + self.attention_flops_per_token)}
         counts = self.engine.nonzero_counts(structure)
         kept = sum(counts.values()).astype(jnp.float32)
         masked = self.engine.masked_size
