@@ -1,0 +1,174 @@
+"""Mosaic GPU (Hopper: TMA + wgmma, warp-specialized) forward of block-sparse flash attention.
+
+Same tables, statistics and results as kernel.py (the Triton lowering); Hopper machinery as in
+JAX's FlashAttention-3 (jax/experimental/pallas/ops/gpu/attention_mgpu.py), made block-sparse.
+One program (CTA) per (query head, query block i, sequence), grid (H, T/b, B), with
+block / 64 compute warpgroups and one memory warpgroup:
+
+  - each compute warpgroup owns 64 query rows of block i (wgmma's M is 64 per warpgroup), so
+    block 128 runs two consumers that share every K/V tile the memory warpgroup fetches;
+  - the memory warpgroup streams, by TMA into a ring of `max_concurrent_steps` slots, only the
+    key blocks listed in the row table: steps 0 .. q_count[i] - 1 read q_table[i, step], then
+    one more step reads the diagonal tile i when it is kept (causal). The step count is read
+    from the table at run time (`emit_pipeline_warp_specialized` with a dynamic grid);
+  - per step: S = Q K^T (wgmma, fp32), the causal mask only on the diagonal step, online
+    softmax in base 2 (logits pre-multiplied by scale * log2 e), O += P V (wgmma). K's slot is
+    released right after Q K^T, V's after P V, so the next TMA starts as early as possible.
+
+A row block with no kept tile runs zero steps: its accumulator and running sum stay 0, so
+O = 0 / max(l, 1) = 0 and lse = -inf + log2(1) = -inf, the convention of reference.py, with
+no extra select (l >= 1 for every row that saw a key: its maximum contributes exp2(0) = 1).
+
+The backward is in kernel_mgpu_bwd.py. Runs on CPU under Mosaic GPU's interpret mode
+(`interpret=True`), which is how the tests check it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp2 gives 0, never NaN
+ROWS = 64  # rows per compute warpgroup: wgmma's M
+MEMORY_REGISTERS = 40  # the memory warpgroup only issues TMAs (as in FA3)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicAttentionTiling:
+    """TMA ring depth of each kernel (shared memory: slots x (K + V) or (Q + dO) tiles)."""
+    forward_steps: int = 2
+    dq_steps: int = 2
+    dkdv_steps: int = 2
+
+
+def transforms(dtype) -> tuple:
+    """128-byte swizzle, the layout wgmma reads: 64 16-bit elements per swizzled row."""
+    itemsize = jnp.dtype(dtype).itemsize
+    return plgpu.TilingTransform((8, 128 // itemsize)), plgpu.SwizzleTransform(128)
+
+
+def mask_index(b, h, layout):
+    """The mask's (batch, head) for program (b, h): leading sizes of 1 broadcast."""
+    per_batch, per_head = layout.block_mask.shape[0] > 1, layout.block_mask.shape[1] > 1
+    return (b if per_batch else 0), (h if per_head else 0)
+
+
+def causal_mask(s, is_diagonal, row_offset: int | jax.Array, transposed: bool):
+    """On the diagonal step only, hide key c from query r when c > r (tile-local indices;
+    this warpgroup's rows start at `row_offset`). `transposed`: s is keys x queries (dK/dV).
+    Off the diagonal the limit is out of reach, so nothing is hidden."""
+    rows = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0) + row_offset
+    cols = jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    query, key = (cols, rows) if transposed else (rows, cols)
+    reach = jnp.where(is_diagonal, 0, s.shape[0] + s.shape[1])
+    return jnp.where(key <= query + reach, s, MASK_VALUE)
+
+
+def listed_block(table_ref, count, diagonal_block, step):
+    """The block of a pipeline step: the table's entries first, then the diagonal."""
+    # step < count + diagonal <= row length, so the table read is in bounds either way
+    return jnp.where(step < count, table_ref[step], diagonal_block)
+
+
+def matmul(a_smem, b_smem, shape) -> jax.Array:
+    """a @ b on wgmma into a fresh fp32 accumulator (both operands in shared memory)."""
+    def scope(acc_ref):
+        plgpu.wgmma(acc_ref, a_smem, b_smem)
+        return acc_ref[...]
+
+    return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32))
+
+
+def stage(smem, value) -> None:
+    """Registers -> shared memory, visible to the next wgmma (the async proxy)."""
+    smem[...] = value.astype(smem.dtype)
+    plgpu.commit_smem()
+
+
+def launch(body, out_shape, scratch, *, grid, compute_wgs: int, interpret: bool):
+    params = plgpu.CompilerParams(approx_math=True,
+                                  lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+    return plgpu.kernel(body, out_type=out_shape, scratch_types=scratch, grid=grid,
+                        grid_names=("heads", "seq", "batch"), num_threads=compute_wgs + 1,
+                        thread_name="wg", compiler_params=params,
+                        interpret=plgpu.InterpretGPUParams() if interpret else None)
+
+
+def forward(q, k, v, layout, *, block: int, scale: float, interpret: bool = False,
+            tiling: MosaicAttentionTiling = MosaicAttentionTiling()):
+    """(O in q's dtype, base-2 lse B x H x T in fp32), as kernel.forward."""
+    b, t, h, d = q.shape
+    group = h // k.shape[2]
+    wgs = block // ROWS
+    qk_scale = scale * LOG2E
+    swizzled = transforms(q.dtype)
+
+    def body(table_ref, count_ref, diagonal_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+             qo_smem2, p_smem2, lse_smem2, q_barriers):
+        head, i, batch = (jax.lax.axis_index(a) for a in ("heads", "seq", "batch"))
+        wg = jax.lax.axis_index("wg")
+        mb, mh = mask_index(batch, head, layout)
+        count = count_ref[mb, mh, i]
+        steps = count + (diagonal_ref[mb, mh, i] if layout.causal else 0)
+        row_table = table_ref.at[mb, mh, i]
+
+        def compute(pipeline):
+            qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+            rows = (batch, pl.ds(i * block + wg * ROWS, ROWS), head)
+            plgpu.copy_gmem_to_smem(q_ref.at[rows], qo_smem, q_barriers.at[wg])
+            plgpu.barrier_wait(q_barriers.at[wg])
+            acc, m, l = pipeline((jnp.zeros((ROWS, d), jnp.float32),
+                                  jnp.full((ROWS,), -jnp.inf, jnp.float32),
+                                  jnp.zeros((ROWS,), jnp.float32)))
+            l = jnp.maximum(l, 1.0)  # 0 only on an empty row, where acc = 0 and m = -inf
+            qo_smem[...] = (acc / l[:, None]).astype(qo_smem.dtype)
+            lse_smem[...] = m + jnp.log2(l)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[rows])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, rows[1]])
+            plgpu.wait_smem_to_gmem(0)
+
+        def step(indices, k_smem, v_smem, k_consumed, v_consumed, carry):
+            acc, m, l = carry
+            qo_smem = qo_smem2.at[wg]
+
+            s = matmul(qo_smem, k_smem.transpose((1, 0)), (ROWS, block))
+            plgpu.barrier_arrive(k_consumed)
+            s = s * qk_scale
+            if layout.causal:
+                s = causal_mask(s, indices[0] == count, wg * ROWS, transposed=False)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - m_new[:, None])
+            l = l * alpha + p.sum(axis=1)
+            stage(p_smem2.at[wg], p)
+            acc = acc * alpha[:, None] + matmul(p_smem2.at[wg], v_smem, acc.shape)
+            plgpu.barrier_arrive(v_consumed)
+            return acc, m_new, l
+
+        def kv_index(s):
+            return listed_block(row_table, count, i, s), 0
+
+        pipeline = plgpu.emit_pipeline_warp_specialized(
+            step, grid=(steps,), max_concurrent_steps=tiling.forward_steps,
+            num_compute_wgs=wgs, memory_registers=MEMORY_REGISTERS, wg_axis="wg",
+            manual_consumed_barriers=True, compute_context=compute,
+            in_specs=[plgpu.BlockSpec((block, d), kv_index, transforms=swizzled)] * 2)
+        g = jax.lax.div(head, group)
+        pipeline(k_ref.at[batch, :, g, :], v_ref.at[batch, :, g, :])
+
+    scratch = [plgpu.SMEM((wgs, ROWS, d), q.dtype, transforms=swizzled),
+               plgpu.SMEM((wgs, ROWS, block), q.dtype, transforms=swizzled),
+               plgpu.SMEM((wgs, ROWS), jnp.float32),
+               plgpu.Barrier(num_barriers=wgs)]
+    out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, h, t), jnp.float32))
+    return launch(body, out_shape, scratch, grid=(h, t // block, b), compute_wgs=wgs,
+                  interpret=interpret)(layout.q_table, layout.q_count, layout.diagonal,
+                                       q, k, v)
