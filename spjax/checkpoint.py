@@ -149,13 +149,7 @@ def _restore_matching(manager: ocp.CheckpointManager, directory: Path, abstract:
             found[path] = leaf
     if not found:
         return {}, missing, step
-    item: dict[str, Any] = {}
-    for path, leaf in found.items():  # nested dicts with the checkpoint's (string) keys
-        *parents, last = path.split("/")
-        node = item
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = leaf
+    item = nest_paths(found)  # nested dicts with the checkpoint's (string) keys
     restore_args = jax.tree.map(
         lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), item)
     try:
@@ -176,6 +170,18 @@ def flat_paths(tree: Any) -> dict[str, Any]:
 
     return {"/".join(name(k) for k in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def nest_paths(flat: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of flat_paths, as nested plain dicts: {'a/b': x} -> {'a': {'b': x}}."""
+    tree: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        *parents, last = path.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return tree
 
 
 def _check_meta(found: dict[str, Any], expected: dict[str, Any], where: Path,

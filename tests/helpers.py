@@ -40,3 +40,16 @@ class TrainHarness:
         with parallel.activate(self.mesh, self.rules):
             self.state, metrics = self._step(self.state, batch)
         return metrics
+
+
+def assert_sharded_equals_single(model, tokens, config, rtol: float = 1e-5,
+                                 atol: float = 1e-6) -> None:
+    """`model`'s logits on `tokens` under config.parallel's mesh (batch sharded as in
+    training) equal its single-device logits."""
+    single = jax.jit(lambda t: model(t))(tokens)
+    mesh = parallel.make_mesh(config.parallel)
+    rules = parallel.sharding_rules(config.parallel)
+    with parallel.activate(mesh, rules):
+        sharded = jax.jit(lambda t: model(t))(
+            jax.device_put(tokens, parallel.batch_sharding(mesh, rules)))
+    np.testing.assert_allclose(sharded, single, rtol=rtol, atol=atol)

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from pallas_kernels.block_sparse_attention import reference
+from helpers import assert_sharded_equals_single
 from spjax import parallel
 from spjax.checkpoint import flat_paths
 from spjax.cli import main
@@ -212,13 +213,7 @@ def test_sharded_gated_kernels_equal_single_device():
                      "parallel.data=4", "parallel.tensor=2")
     model = Transformer(config.model, nnx.Rngs(6))
     tokens = _tokens(7, (4, 64))
-    single = jax.jit(lambda t: model(t))(tokens)
-    mesh = parallel.make_mesh(config.parallel)
-    rules = parallel.sharding_rules(config.parallel)
-    with parallel.activate(mesh, rules):
-        sharded = jax.jit(lambda t: model(t))(
-            jax.device_put(tokens, parallel.batch_sharding(mesh, rules)))
-    np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
+    assert_sharded_equals_single(model, tokens, config)
 
 
 @pytest.mark.parametrize("overrides, needle", [

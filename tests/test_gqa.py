@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import TrainHarness
-from spjax import parallel
+from helpers import TrainHarness, assert_sharded_equals_single
 from spjax.config import load_config
 from spjax.errors import ConfigError
 from spjax.model import attention_patterns
@@ -189,10 +188,4 @@ def test_sharded_gqa_kernels_equal_single_device():
                      "parallel.data=4", "parallel.tensor=2")
     model = Transformer(dataclasses.replace(config.model, n_layers=1), nnx.Rngs(6))
     tokens = jnp.asarray(np.random.default_rng(7).integers(0, 61, size=(4, 64)))
-    single = jax.jit(lambda t: model(t))(tokens)
-    mesh = parallel.make_mesh(config.parallel)
-    rules = parallel.sharding_rules(config.parallel)
-    with parallel.activate(mesh, rules):
-        sharded = jax.jit(lambda t: model(t))(
-            jax.device_put(tokens, parallel.batch_sharding(mesh, rules)))
-    np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
+    assert_sharded_equals_single(model, tokens, config)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spjax import parallel
+from helpers import assert_sharded_equals_single
 from spjax.config import load_config
 from spjax.errors import ConfigError
 from spjax.model.transformer import Transformer
@@ -99,13 +99,7 @@ def test_sharded_kernels_equal_single_device():
                      rules='[[".*", sliding_window]]')
     model = Transformer(config.model, nnx.Rngs(6))
     tokens = _tokens(7, (4, 64))
-    single = jax.jit(lambda t: model(t))(tokens)
-    mesh = parallel.make_mesh(config.parallel)
-    rules = parallel.sharding_rules(config.parallel)
-    with parallel.activate(mesh, rules):
-        sharded = jax.jit(lambda t: model(t))(
-            jax.device_put(tokens, parallel.batch_sharding(mesh, rules)))
-    np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
+    assert_sharded_equals_single(model, tokens, config)
 
 
 def test_attention_flops_follow_the_patterns():

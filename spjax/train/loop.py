@@ -22,7 +22,7 @@ import yaml
 from tqdm import tqdm
 
 from spjax import distributed, parallel
-from spjax.checkpoint import Checkpointer, flat_paths, restore_matching
+from spjax.checkpoint import Checkpointer, flat_paths, nest_paths, restore_matching
 from spjax.config import Config, ModelConfig, to_dict
 from spjax.data.pipeline import eval_batches, train_iterator
 from spjax.data.prepare import default_dataset, load_meta
@@ -364,14 +364,7 @@ def _with_aliases(abstract: dict[str, Any], aliases: dict[str, str]) -> dict[str
     """`abstract` as nested plain dicts, plus one entry per alias shaped like its target."""
     leaves = flat_paths(abstract)
     leaves.update({source_path: leaves[path] for source_path, path in aliases.items()})
-    tree: dict[str, Any] = {}
-    for path, leaf in leaves.items():
-        *parents, last = path.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = leaf
-    return tree
+    return nest_paths(leaves)
 
 
 def _ppl(loss: float) -> float:
