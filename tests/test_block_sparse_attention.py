@@ -3,8 +3,11 @@ on fresh random data and masks (GQA, MQA, per-head and per-sequence masks, empty
 non-causal, all-dense), the reference against jax.nn.dot_product_attention, every output
 element written (interpret mode leaves unwritten outputs NaN), and clear errors.
 
-The Pallas kernels run here in interpret mode with small blocks; the GPU variants
-(implementation="pallas", blocks 64 and 128) are marked `gpu` and run on the GPU machine.
+The Pallas kernels run here in interpret mode with small blocks, the Mosaic GPU kernels under
+Mosaic GPU's interpret mode (blocks 64 and 128, head_dim 64: what wgmma takes) and are also
+lowered for CUDA on this CPU (which checks what the Mosaic lowering accepts, not numbers).
+The GPU variants (implementation="pallas", "mosaic", "mosaic,pallas"; blocks 64 and 128) are
+marked `gpu` and run on the GPU machine.
 """
 
 import jax
@@ -15,7 +18,7 @@ import pytest
 from pallas_kernels.block_sparse_attention import (BlockSparseAttentionError,
                                                    block_sparse_attention, build_layout,
                                                    causal_block_mask, reference)
-from pallas_kernels.block_sparse_attention import kernel
+from pallas_kernels.block_sparse_attention import kernel, kernel_mgpu
 
 # (B, T, H, Hkv, D, block, density, mask kind, causal)
 CASES = [
@@ -218,6 +221,14 @@ def test_layout_lists_kept_tiles_and_keeps_the_diagonal_apart():
     (dict(block=8, mask=np.ones((8, 8), bool)), "power-of-two block >= 16"),
     (dict(d=24), "power-of-two head_dim"),
     (dict(mask=build_layout(np.ones((4, 4), bool), causal=False)), "rebuild it"),
+    (dict(implementation="mosaic,pallas,pallas"), "two kernel ones for forward,backward"),
+    (dict(implementation="xla,pallas"), "two kernel ones for forward,backward"),
+    (dict(implementation="mosaic_interpret", block=64, mask=np.ones((1, 1), bool), d=64),
+     "bfloat16 or float16"),
+    (dict(implementation="mosaic_interpret,interpret", dtype=jnp.bfloat16, d=64),
+     "blocks 64 and 128"),
+    (dict(implementation="mosaic", dtype=jnp.bfloat16, block=64, mask=np.ones((1, 1), bool),
+          d=32), "head_dim 64 or 128"),
 ])
 def test_bad_input_is_a_clear_error(change, needle):
     p = dict(mask=np.ones((4, 4), bool), block=16, hkv=2, dtype=jnp.float32,
@@ -230,15 +241,19 @@ def test_bad_input_is_a_clear_error(change, needle):
                                implementation=p["implementation"])
 
 
+GPU_IMPLEMENTATIONS = ["pallas", "mosaic", "mosaic,pallas"]  # the last: forward, backward
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("implementation", GPU_IMPLEMENTATIONS)
 @pytest.mark.parametrize("block", [64, 128])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("hkv", [4, 2, 1])
-def test_gpu_kernels_match_the_reference(block, d, hkv):
+def test_gpu_kernels_match_the_reference(implementation, block, d, hkv):
     b, t, h = 2, 1024, 4
     q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=block + d + hkv)
     mask = _mask(jax.random.key(block + hkv), "per_head", b, h, t // block, 0.4)
-    ours = _grads(q, k, v, mask, do, block, True, "pallas")
+    ours = _grads(q, k, v, mask, do, block, True, implementation)
     refs = _reference_grads(q, k, v, mask, do, block, True)
     for name, a, r in zip(("o", "dq", "dk", "dv"), ours, refs):
         assert not np.any(np.isnan(np.asarray(a, np.float32))), name
@@ -248,11 +263,12 @@ def test_gpu_kernels_match_the_reference(block, d, hkv):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("implementation", GPU_IMPLEMENTATIONS)
 @pytest.mark.parametrize("block", [64, 128])
-def test_gpu_dense_pattern_matches_cudnn(block):
+def test_gpu_dense_pattern_matches_cudnn(implementation, block):
     b, t, h, hkv, d = 2, 2048, 8, 2, 128
     q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=block)
-    ours = _grads(q, k, v, causal_block_mask(t // block), do, block, True, "pallas")
+    ours = _grads(q, k, v, causal_block_mask(t // block), do, block, True, implementation)
     o, vjp = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="cudnn"), q, k, v)
     for a, r in zip(ours, (o, *vjp(do))):
@@ -269,3 +285,88 @@ def test_the_benchmark_runs_on_cpu_in_interpret_mode():
     assert len(rows) == 1 and rows[0]["sparsity"] == pytest.approx(0.5)
     assert rows[0]["cudnn_fb_ms"] is None  # no cuDNN on CPU
     assert rows[0]["sparse_fb_ms"] > 0 and rows[0]["xla_fb_ms"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", [64, 128])
+def test_gpu_mosaic_non_causal_and_per_sequence_masks(block):
+    b, t, h, hkv, d = 2, 1024, 4, 2, 128
+    q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=7 * block)
+    for kind, causal in (("per_sequence_head", True), ("shared", False)):
+        mask = _mask(jax.random.key(block), kind, b, h, t // block, 0.3)
+        ours = _grads(q, k, v, mask, do, block, causal, "mosaic")
+        refs = _reference_grads(q, k, v, mask, do, block, causal)
+        for name, a, r in zip(("o", "dq", "dk", "dv"), ours, refs):
+            assert _relative_error(a, r) < 2e-2, (kind, name)
+
+
+# Mosaic GPU interpret mode: (B, T, H, Hkv, D, block, density, mask kind, causal, ring depth).
+# Rows list 1..4 tiles: step counts below, at and above the ring depth, not multiples of it.
+MOSAIC_CASES = [
+    (1, 256, 4, 2, 64, 64, 0.6, "per_head", True, 2),  # GQA 2, an empty block row per head
+    (1, 256, 2, 1, 64, 128, 1.0, "shared", True, 3),  # MQA, dense causal, 2 consumer wgs
+    (2, 128, 2, 2, 64, 64, 0.5, "per_sequence_head", False, 2),  # non-causal, empty rows
+]
+
+
+@pytest.mark.parametrize("case", MOSAIC_CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}-{c[3]}"
+                         f"-b{c[5]}-d{c[6]}-{c[7]}-{'causal' if c[8] else 'full'}-ring{c[9]}")
+def test_mosaic_kernels_in_interpret_mode_match_the_reference(case):
+    """Forward, dQ and dK/dV of the Mosaic GPU kernels, run by Mosaic GPU's interpreter, on
+    fresh random bf16 data against jax.vjp of the fp32 reference."""
+    b, t, h, hkv, d, block, density, kind, causal, ring = case
+    q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=sum(case[:6]))
+    mask = _mask(jax.random.key(t + h + block), kind, b, h, t // block, density)
+    tiling = kernel_mgpu.MosaicAttentionTiling(ring, ring, ring)
+
+    @jax.jit
+    def run(q, k, v, do):
+        o, vjp = jax.vjp(lambda q, k, v: block_sparse_attention(
+            q, k, v, mask, block=block, causal=causal, implementation="mosaic_interpret",
+            mosaic=tiling), q, k, v)
+        return (o, *vjp(do))
+
+    ours = run(q, k, v, do)
+    refs = _reference_grads(q, k, v, mask, do, block, causal)
+    for name, a, r in zip(("o", "dq", "dk", "dv"), ours, refs):
+        assert a.dtype == jnp.bfloat16 and a.shape == r.shape, name
+        assert not np.any(np.isnan(np.asarray(a, np.float32))), name  # every element written
+        # bf16 P and dS before their wgmmas, bf16 outputs (and bf16 per-head dK, dV in GQA)
+        assert _relative_error(a, r) < 1e-2, name
+    empty = _empty_rows(mask, b, h, t, block, causal)
+    assert empty.any() == (density < 1)
+    o, dq = np.asarray(ours[0], np.float32), np.asarray(ours[1], np.float32)
+    assert np.all(o[empty] == 0.0) and np.all(dq[empty] == 0.0)
+
+
+def test_one_implementation_per_pass_matches_the_reference():
+    """Mosaic forward, Triton backward: both keep the same base-2 lse (-inf on empty rows),
+    which the backward reads. (The Triton forward's lse is checked against the reference
+    above, so the other order needs no run of its own.)"""
+    implementation = "mosaic_interpret,interpret"
+    b, t, h, hkv, d, block = 1, 192, 2, 1, 64, 64
+    q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=51)
+    mask = np.array([[1, 0, 0], [0, 0, 0], [1, 1, 1]], bool)  # block row 1 empty
+    ours = _grads(q, k, v, mask, do, block, True, implementation)
+    for name, a, r in zip(("o", "dq", "dk", "dv"), ours,
+                          _reference_grads(q, k, v, mask, do, block, True)):
+        assert not np.any(np.isnan(np.asarray(a, np.float32))), name
+        assert _relative_error(a, r) < 1e-2, name
+
+
+@pytest.mark.parametrize("block, d", [(64, 64), (128, 128)])
+def test_mosaic_kernels_lower_for_cuda_on_this_cpu(block, d):
+    """The Pallas -> Mosaic GPU lowering of forward and backward, for the CUDA platform,
+    without a GPU: catches what the lowering rejects (shapes, layouts, wgmma operands)."""
+    b, t, h, hkv = 2, 1024, 4, 2
+    q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16)
+    mask = np.asarray(jax.random.uniform(jax.random.key(0), (h, t // block, t // block)) < 0.5)
+
+    def fb(q, k, v, do):
+        o, vjp = jax.vjp(lambda q, k, v: block_sparse_attention(
+            q, k, v, mask, block=block, implementation="mosaic"), q, k, v)
+        return (o, *vjp(do))
+
+    text = jax.jit(fb).trace(q, kv, kv, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 3  # forward, dQ, dK/dV kernels

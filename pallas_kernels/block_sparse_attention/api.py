@@ -8,6 +8,12 @@ differentiable through a custom VJP whose backward also skips dropped tiles:
   implementation="pallas"     Pallas flash-attention kernels, Triton lowering (kernel.py):
                               any NVIDIA GPU
   implementation="interpret"  the same kernels, interpreted on CPU (tests)
+  implementation="mosaic"     Mosaic GPU kernels (kernel_mgpu.py, kernel_mgpu_bwd.py: TMA,
+                              wgmma, warp specialization): Hopper; bf16/f16, blocks 64 and
+                              128, head_dim 64 or 128
+  implementation="mosaic_interpret"  the same, under Mosaic GPU's interpret mode on CPU (tests)
+  implementation="mosaic,pallas"     one for the forward, one for the backward (dQ, dK/dV):
+                              any two kernel implementations (both keep the same base-2 lse)
 
 Shapes as in `jax.nn.dot_product_attention`: q B x T x H x D, k and v B x T x Hkv x D with H a
 multiple of Hkv (GQA, MQA); the output is B x T x H x D in q's dtype. The mask is (T/b, T/b),
@@ -26,12 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.block_sparse_attention import kernel, reference
+from pallas_kernels.block_sparse_attention import kernel, kernel_mgpu, kernel_mgpu_bwd, reference
 from pallas_kernels.block_sparse_attention.layout import AttentionLayout, build_layout
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-IMPLEMENTATIONS = ("xla", "pallas", "interpret")
+IMPLEMENTATIONS = ("xla", "pallas", "interpret", "mosaic", "mosaic_interpret")
 GPU_BLOCKS = (64, 128)  # tiles the GPU kernels are meant for; tests interpret smaller ones
+MOSAIC_DTYPES = (jnp.bfloat16, jnp.float16)  # wgmma's 16-bit operand types
+MOSAIC_HEAD_DIMS = (64, 128)  # 128-byte swizzled rows; fp32 dK and dV must fit in registers
 
 
 class BlockSparseAttentionError(ValueError):
@@ -43,25 +51,28 @@ class Settings:
     block: int
     causal: bool
     scale: float
-    implementation: str
+    implementations: tuple[str, str]  # forward, backward
     num_warps: int
     num_stages: int
+    mosaic: kernel_mgpu.MosaicAttentionTiling = kernel_mgpu.MosaicAttentionTiling()
 
 
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                            layout_or_mask: AttentionLayout | jax.Array | np.ndarray, *,
                            block: int, causal: bool = True, implementation: str = "xla",
                            scale: float | None = None, num_warps: int | None = None,
-                           num_stages: int = 2) -> jax.Array:
+                           num_stages: int = 2,
+                           mosaic: kernel_mgpu.MosaicAttentionTiling | None = None) -> jax.Array:
     """`scale` defaults to 1/sqrt(D); `num_warps` (default 4, 8 for D > 64) and `num_stages`
-    tune the Triton kernels."""
+    tune the Triton kernels, `mosaic` the Mosaic GPU ones (TMA ring depths)."""
     check(q, k, v, layout_or_mask, block=block, causal=causal, implementation=implementation)
     layout = layout_or_mask
     if not isinstance(layout, AttentionLayout):
         layout = build_layout(layout, causal=causal)
     d = q.shape[-1]
     settings = Settings(block, causal, d ** -0.5 if scale is None else float(scale),
-                        implementation, num_warps or (4 if d <= 64 else 8), num_stages)
+                        per_pass(implementation), num_warps or (4 if d <= 64 else 8),
+                        num_stages, mosaic or kernel_mgpu.MosaicAttentionTiling())
     if implementation == "xla":
         return reference.attention(q, k, v, layout.block_mask, block=block, causal=causal,
                                    scale=settings.scale)
@@ -73,9 +84,19 @@ def _attention(q, k, v, layout, settings):
     return _forward(q, k, v, layout, settings)[0]
 
 
+def per_pass(implementation: str) -> tuple[str, str]:
+    """'mosaic' -> ('mosaic', 'mosaic'); 'mosaic,pallas' -> (forward, backward)."""
+    parts = tuple(p.strip() for p in implementation.split(","))
+    return (parts * 2 if len(parts) == 1 else parts)  # type: ignore[return-value]
+
+
 def _forward(q, k, v, layout, s):
+    impl = s.implementations[0]
+    if impl.startswith("mosaic"):
+        return kernel_mgpu.forward(q, k, v, layout, block=s.block, scale=s.scale,
+                                   interpret=impl == "mosaic_interpret", tiling=s.mosaic)
     return kernel.forward(q, k, v, layout, block=s.block, scale=s.scale,
-                          interpret=s.implementation == "interpret",
+                          interpret=impl == "interpret",
                           num_warps=s.num_warps, num_stages=s.num_stages)
 
 
@@ -86,9 +107,17 @@ def _attention_fwd(q, k, v, layout, settings):
 
 def _attention_bwd(s, residuals, do):
     q, k, v, o, lse, layout = residuals
-    dq, dk, dv = kernel.backward(q, k, v, o, lse, do.astype(q.dtype), layout, block=s.block,
-                                 scale=s.scale, interpret=s.implementation == "interpret",
-                                 num_warps=s.num_warps, num_stages=s.num_stages)
+    impl = s.implementations[1]
+    if impl.startswith("mosaic"):
+        dq, dk, dv = kernel_mgpu_bwd.backward(q, k, v, o, lse, do.astype(q.dtype), layout,
+                                              block=s.block, scale=s.scale,
+                                              interpret=impl == "mosaic_interpret",
+                                              tiling=s.mosaic)
+    else:
+        dq, dk, dv = kernel.backward(q, k, v, o, lse, do.astype(q.dtype), layout,
+                                     block=s.block, scale=s.scale,
+                                     interpret=impl == "interpret", num_warps=s.num_warps,
+                                     num_stages=s.num_stages)
     no_grad = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), layout)
     return dq, dk, dv, no_grad
 
@@ -98,9 +127,12 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def check(q, k, v, layout_or_mask, *, block: int, causal: bool, implementation: str) -> None:
     """Every bad input as a one-line BlockSparseAttentionError naming the fix."""
-    if implementation not in IMPLEMENTATIONS:
-        raise BlockSparseAttentionError(f"implementation must be one of "
-                                        f"{', '.join(IMPLEMENTATIONS)}, got {implementation!r}")
+    passes = per_pass(implementation)
+    if (implementation not in IMPLEMENTATIONS and
+            (len(passes) != 2 or any(p not in IMPLEMENTATIONS[1:] for p in passes))):
+        raise BlockSparseAttentionError(
+            f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, or two kernel ones "
+            f"for forward,backward (e.g. 'mosaic,pallas'), got {implementation!r}")
     for name, a in (("q", q), ("k", k), ("v", v)):
         if a.ndim != 4:
             raise BlockSparseAttentionError(f"{name} must be B x T x heads x head_dim, got "
@@ -145,3 +177,16 @@ def check(q, k, v, layout_or_mask, *, block: int, causal: bool, implementation: 
                 raise BlockSparseAttentionError(
                     f"the Pallas kernels need a power-of-two {what} >= 16, got {size}; use "
                     f"implementation='xla' or pad")
+    if any(p.startswith("mosaic") for p in passes):
+        if q.dtype not in MOSAIC_DTYPES:
+            raise BlockSparseAttentionError(
+                f"the Mosaic GPU kernels take bfloat16 or float16 q, k, v (wgmma operands), got "
+                f"{q.dtype}; cast them or use implementation='pallas'")
+        if block not in GPU_BLOCKS:
+            raise BlockSparseAttentionError(
+                f"the Mosaic GPU kernels support blocks 64 and 128 (64 query rows per "
+                f"warpgroup), got {block}; use implementation='pallas' for other blocks")
+        if d not in MOSAIC_HEAD_DIMS:
+            raise BlockSparseAttentionError(
+                f"the Mosaic GPU kernels support head_dim 64 or 128 (fp32 dK, dV accumulators "
+                f"in registers), got {d}; use implementation='pallas'")

@@ -101,8 +101,9 @@ def launch(body, out_shape, scratch, *, grid, compute_wgs: int, interpret: bool)
 
 
 def forward(q, k, v, layout, *, block: int, scale: float, interpret: bool = False,
-            tiling: MosaicAttentionTiling = MosaicAttentionTiling()):
+            tiling: MosaicAttentionTiling | None = None):
     """(O in q's dtype, base-2 lse B x H x T in fp32), as kernel.forward."""
+    tiling = tiling or MosaicAttentionTiling()
     b, t, h, d = q.shape
     group = h // k.shape[2]
     wgs = block // ROWS

@@ -25,8 +25,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.block_sparse_attention.kernel_mgpu import (
-    LOG2E, MEMORY_REGISTERS, ROWS, MosaicAttentionTiling, causal_mask, launch, listed_block,
-    mask_index, matmul, stage, transforms)
+    LOG2E,
+    MEMORY_REGISTERS,
+    ROWS,
+    MosaicAttentionTiling,
+    causal_mask,
+    launch,
+    listed_block,
+    mask_index,
+    matmul,
+    stage,
+    transforms,
+)
 
 
 def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_flight):
@@ -177,10 +187,11 @@ def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_
 
 
 def backward(q, k, v, o, lse, do, layout, *, block: int, scale: float, interpret: bool = False,
-             tiling: MosaicAttentionTiling = MosaicAttentionTiling()):
+             tiling: MosaicAttentionTiling | None = None):
     """(dQ, dK, dV) from the forward's O and base-2 lse, as kernel.backward."""
+    tiling = tiling or MosaicAttentionTiling()
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
-    common = dict(block=block, scale=scale, interpret=interpret)
+    common = {"block": block, "scale": scale, "interpret": interpret}
     dq = _dq(q, k, v, do, lse, delta, layout, steps_in_flight=tiling.dq_steps, **common)
     dk, dv = _dkdv(q, k, v, do, lse, delta, layout, steps_in_flight=tiling.dkdv_steps,
                    **common)
