@@ -11,12 +11,16 @@ heads, head_dim D) and random dO, times forward and forward + backward (dQ, dK, 
   - Pallas sparse: random kept tiles at each block sparsity, counted against the causal
             tiles (the diagonal is always kept, so no row is empty); target: >= 5x cuDNN
             at T = 32k, 90% sparse.
+The kernels of each of `--implementations` (default pallas: Triton lowering; mosaic: Mosaic
+GPU; mosaic_fwd: Mosaic forward with the Triton backward) are measured in the same run, one
+table each; on CPU their interpreters stand in (RUNS_AS).
 TFLOP/s use the useful FLOPs: 4 B H D T^2 / 2 for causal attention forward (x (1 - sparsity)
 for sparse), backward 2.5x forward.
 
     python bench/attention.py                       # H200: T 4k-32k, 50/75/90% sparse
     python bench/attention.py --seqs 128 --tokens 256 --heads 2 --kv-heads 1 --head-dim 16 \\
         --blocks 32 --sparsities 0.5 --reps 1       # CPU: interpret mode, checks the script
+    python bench/attention.py --implementations pallas,mosaic   # H200: both beside cuDNN
 """
 
 from __future__ import annotations
@@ -30,11 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.block_sparse_attention.api import block_sparse_attention
+from pallas_kernels.block_sparse_attention.kernel_mgpu import MosaicAttentionTiling
 from pallas_kernels.block_sparse_attention.layout import build_layout, causal_block_mask
 from pallas_kernels.timing import median_seconds
 
 ON_GPU = jax.default_backend() == "gpu"
 PALLAS = "pallas" if ON_GPU else "interpret"  # on CPU the interpreter stands in
+RUNS_AS = {"pallas": PALLAS,
+           "mosaic": "mosaic" if ON_GPU else "mosaic_interpret",
+           # forward on Mosaic GPU, dQ and dK/dV on Triton (api: one per pass)
+           "mosaic_fwd": "mosaic,pallas" if ON_GPU else "mosaic_interpret,interpret"}
 
 
 def random_causal_mask(seed: int, n: int, sparsity: float) -> np.ndarray:
@@ -63,7 +72,9 @@ def _timed(fn, args, reps):
 
 
 def bench_seq(t: int, batch: int, heads: int, kv_heads: int, head_dim: int, blocks: list[int],
-              sparsities: list[float], reps: int, with_xla: bool) -> list[dict]:
+              sparsities: list[float], reps: int, with_xla: bool,
+              implementations: tuple[str, ...] = ("pallas",)) -> list[dict]:
+    """One row per (block, implementation, sparsity); cuDNN and XLA measured once."""
     keys = jax.random.split(jax.random.key(t), 4)
     q = jax.random.normal(keys[0], (batch, t, heads, head_dim), jnp.bfloat16)
     k = jax.random.normal(keys[1], (batch, t, kv_heads, head_dim), jnp.bfloat16)
@@ -79,15 +90,20 @@ def bench_seq(t: int, batch: int, heads: int, kv_heads: int, head_dim: int, bloc
     cudnn = _timed(dense("cudnn"), args, reps) if ON_GPU else (None, None)
     xla = _timed(dense("xla"), args, reps) if with_xla else (None, None)
     rows = []
-    for block in blocks:
+    for block, name in itertools.product(blocks, implementations):
         n = t // block
 
-        def sparse(mask):
+        def sparse(mask, implementation=RUNS_AS[name], block=block):
             layout = build_layout(mask)  # numpy tables: constants of the jitted function
             return lambda q, k, v: block_sparse_attention(q, k, v, layout, block=block,
-                                                          implementation=PALLAS)
+                                                          implementation=implementation)
 
-        p_dense = _timed(sparse(causal_block_mask(n)), args, reps)
+        try:
+            p_dense = _timed(sparse(causal_block_mask(n)), args, reps)
+        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: report, go on
+            print(f"# {name} block {block} T {t}: failed ({' '.join(str(e).split())[:200]})",
+                  flush=True)
+            continue
         for sparsity in sparsities:
             mask = random_causal_mask(t + block, n, sparsity)
             kept = mask.sum() / (n * (n + 1) / 2)
@@ -96,7 +112,7 @@ def bench_seq(t: int, batch: int, heads: int, kv_heads: int, head_dim: int, bloc
             ratio = lambda a, b: None if a is None or b is None else a / b  # noqa: E731
             row = {
                 "T": t, "B": batch, "H": heads, "Hkv": kv_heads, "D": head_dim,
-                "block": block, "sparsity": 1 - kept,
+                "block": block, "sparsity": 1 - kept, "implementation": name,
                 "cudnn_fwd_ms": ms(cudnn[0]), "cudnn_fb_ms": ms(cudnn[1]),
                 "xla_fwd_ms": ms(xla[0]), "xla_fb_ms": ms(xla[1]),
                 "pallas_dense_fwd_ms": ms(p_dense[0]), "pallas_dense_fb_ms": ms(p_dense[1]),
@@ -134,6 +150,27 @@ def sweep(t: int, batch: int, heads: int, kv_heads: int, head_dim: int, block: i
               f"fwd+bwd {1e3 * fb:.2f} ms", flush=True)
 
 
+def sweep_mosaic(t: int, batch: int, heads: int, kv_heads: int, head_dim: int, block: int,
+                 sparsity: float, reps: int) -> None:
+    """Forward + backward over the Mosaic kernels' TMA ring depth (all three kernels)."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    shape_q, shape_kv = (batch, t, heads, head_dim), (batch, t, kv_heads, head_dim)
+    args = tuple(jax.random.normal(key, shape, jnp.bfloat16)
+                 for key, shape in zip(keys, (shape_q, shape_kv, shape_kv, shape_q)))
+    layout = build_layout(random_causal_mask(0, t // block, sparsity))
+    for depth in (2, 3, 4):
+        tiling = MosaicAttentionTiling(depth, depth, depth)
+        fn = lambda q, k, v, m=tiling: block_sparse_attention(  # noqa: E731
+            q, k, v, layout, block=block, implementation=RUNS_AS["mosaic"], mosaic=m)
+        try:
+            fwd, fb = _timed(fn, args, reps)
+        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: skip it
+            print(f"  ring {depth}: failed ({' '.join(str(e).split())[:100]})")
+            continue
+        print(f"  block {block} ring {depth}: fwd {1e3 * fwd:.2f} ms, fwd+bwd {1e3 * fb:.2f} ms",
+              flush=True)
+
+
 def _fmt(x, spec=".2f", suffix=""):
     return "-" if x is None else f"{x:{spec}}{suffix}"
 
@@ -149,24 +186,44 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.5,0.75,0.9")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-xla", action="store_true", help="skip XLA's dense attention")
+    parser.add_argument("--implementations", default="pallas",
+                        help=f"kernels to measure, comma-separated: {', '.join(RUNS_AS)}")
     parser.add_argument("--sweep", action="store_true",
-                        help="instead: Triton warps/stages at the first T, 75%% sparse")
+                        help="instead: Triton warps/stages (pallas) and Mosaic ring depths "
+                        "(mosaic) at the first T, 75%% sparse")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     seqs = [int(s) for s in args.seqs.split(",")]
     blocks = [int(b) for b in args.blocks.split(",")]
-    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; kernels: {PALLAS}",
+    names = tuple(s.strip() for s in args.implementations.split(","))
+    if unknown := [n for n in names if n not in RUNS_AS]:
+        parser.error(f"--implementations: unknown {', '.join(unknown)}; choose from "
+                     f"{', '.join(RUNS_AS)}")
+    kernels = ", ".join(f"{n} = {RUNS_AS[n]}" for n in names)
+    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; kernels: {kernels}",
           flush=True)
     if args.sweep:
-        for block in blocks:
-            sweep(seqs[0], max(1, args.tokens // seqs[0]), args.heads, args.kv_heads,
-                  args.head_dim, block, 0.75, args.reps)
+        for block, name in itertools.product(blocks, names):
+            run = {"pallas": sweep, "mosaic": sweep_mosaic}.get(name)
+            if run:
+                run(seqs[0], max(1, args.tokens // seqs[0]), args.heads, args.kv_heads,
+                    args.head_dim, block, 0.75, args.reps)
         return
     rows = []
     for t in seqs:
         rows += bench_seq(t, max(1, args.tokens // t), args.heads, args.kv_heads, args.head_dim,
                           blocks, [float(s) for s in args.sparsities.split(",")], args.reps,
-                          with_xla=not args.no_xla)
+                          with_xla=not args.no_xla, implementations=names)
+    for name in names:
+        _table(name, [r for r in rows if r["implementation"] == name])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+def _table(name: str, rows: list[dict]) -> None:
+    """The markdown table of one implementation ("Pallas" columns: its kernels)."""
+    print(f"\nkernels: {name} ({RUNS_AS[name]})")
     print("\n| T | B | block | sparsity | cuDNN fwd / fwd+bwd ms | XLA fwd+bwd ms | Pallas dense "
           "fwd / fwd+bwd ms (cuDNN/Pallas) | sparse fwd / fwd+bwd ms | speed-up vs cuDNN fwd / "
           "fwd+bwd | TFLOP/s fwd+bwd cuDNN / dense / sparse (useful) |")
@@ -180,9 +237,6 @@ def main() -> None:
               f"{_fmt(r['speedup_fwd'], suffix='x')} / {_fmt(r['speedup_fb'], suffix='x')} | "
               f"{_fmt(r['cudnn_fb_tflops'], '.0f')} / {_fmt(r['pallas_dense_fb_tflops'], '.0f')}"
               f" / {_fmt(r['sparse_fb_tflops'], '.0f')} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":
