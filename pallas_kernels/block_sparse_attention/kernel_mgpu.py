@@ -12,8 +12,17 @@ block / 64 compute warpgroups and one memory warpgroup:
     one more step reads the diagonal tile i when it is kept (causal). The step count is read
     from the table at run time (`emit_pipeline_warp_specialized` with a dynamic grid);
   - per step: S = Q K^T (wgmma, fp32), the causal mask only on the diagonal step, online
-    softmax in base 2 (logits pre-multiplied by scale * log2 e), O += P V (wgmma). K's slot is
-    released right after Q K^T, V's after P V, so the next TMA starts as early as possible.
+    softmax in base 2 (logits pre-multiplied by scale * log2 e), O = alpha O + P V (wgmma).
+    K's slot is released right after Q K^T, V's after P V, so the next TMA starts early.
+
+Two constructs are chosen because Mosaic GPU's interpreter (jax 0.11.2, the only way to run
+these kernels on CPU) cannot run the faster ones: P (and dS in the backward) goes through
+shared memory into an SS wgmma, since the interpreter's wgmma takes no register operand (FA3
+feeds P from registers); and every product lands in a fresh zero accumulator added to the
+carry (`matmul`), since the interpreter has no rule for run_state_p or for storing into an
+accumulator (FA3 accumulates in place). Both cost speed, not correctness; they are the first
+thing to revisit with a GPU at hand. Not done either: FA3's ping-pong schedule barrier
+between the two consumer warpgroups, and a persistent grid.
 
 A row block with no kept tile runs zero steps: its accumulator and running sum stay 0, so
 O = 0 / max(l, 1) = 0 and lse = -inf + log2(1) = -inf, the convention of reference.py, with
