@@ -3,6 +3,8 @@
     reference.py   plain jnp masked causal attention, GQA/MQA, fp32 softmax: the truth
     layout.py      per query block the kept key blocks, per key block the kept query blocks
     kernel.py      Pallas kernels, Triton lowering: forward, dQ, dK/dV (interpret on CPU)
+    kernel_mgpu.py Mosaic GPU (Hopper TMA + wgmma) forward and shared helpers
+    kernel_mgpu_bwd.py  Mosaic GPU dQ and dK/dV
     api.py         `block_sparse_attention` with a custom VJP and an `implementation=` switch
     bench.py       GPU benchmark against cuDNN and XLA dense attention in the same run
 """

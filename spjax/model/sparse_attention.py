@@ -44,10 +44,15 @@ def layout(kind: str, seq_len: int, section: AttentionPatternConfig, heads: int
     return build_layout(block_mask(kind, seq_len, section, heads))  # numpy tables
 
 
+# Config names for a Mosaic forward with the Triton backward (forward, backward)
+KERNEL_COMBINATIONS = {"mosaic_fwd": "mosaic,pallas"}
+
+
 def resolve_kernel(kernel: str) -> str:
-    """'auto' -> the Pallas kernels on GPU, the plain-jnp reference elsewhere."""
+    """'auto' -> the Pallas kernels on GPU, the plain-jnp reference elsewhere; config names
+    of per-pass pairs -> the implementation string of block_sparse_attention."""
     if kernel != "auto":
-        return kernel
+        return KERNEL_COMBINATIONS.get(kernel, kernel)
     return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
