@@ -145,11 +145,12 @@ def _batches(n):
 
 
 @pytest.mark.parametrize("mesh", [
-    ["parallel.expert=8", "parallel.data=1"],
+    # the default suite keeps one mesh per axis kind; the pure ones are slow (~30 s each)
+    pytest.param(["parallel.expert=8", "parallel.data=1"], marks=pytest.mark.slow),
     ["parallel.expert=4", "parallel.data=2"],
     ["parallel.expert=2", "parallel.tensor=2", "parallel.fsdp=2"],
     ["parallel.tensor=2", "parallel.data=4"],
-    ["parallel.fsdp=8"],
+    pytest.param(["parallel.fsdp=8"], marks=pytest.mark.slow),
 ], ids=["ep8", "ep4-dp2", "ep2-tp2-fsdp2", "tp2-dp4", "fsdp8"])
 def test_parallel_moe_training_equals_single_device(mesh):
     single = Run("parallel.data=1")

@@ -147,6 +147,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(dataset, straight, tmp_pat
         in last
 
 
+@pytest.mark.slow  # ~110 s; tests/test_lowrank.py's resume test covers RigL masks in-process
 def test_sparse_run_resumes_with_its_masks_exactly(dataset, tmp_path):
     """RigL moves masks every 7 steps; kill after a checkpoint, resume, compare to straight."""
     rigl = ("sparsity.method=rigl", "sparsity.sparsity=0.8", "sparsity.rigl.update_every=7")

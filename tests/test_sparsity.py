@@ -391,7 +391,8 @@ def test_every_method_preset_builds_and_takes_steps(preset):
     assert run.program.sparsity is not None and run.layers
 
 
-@pytest.mark.parametrize("method", ["static", "gmp", "rigl"])
+@pytest.mark.parametrize("method", ["static", "gmp",
+                                    pytest.param("rigl", marks=pytest.mark.slow)])  # ~45 s
 def test_block_kernel_layers_train_exactly_like_masked_dense_ones(method):
     """The Pallas block-sparse path (interpreted here) and the dense-masked path give the same
     losses, masks and weights, across mask updates; tables always match the mask; RigL's
