@@ -31,6 +31,7 @@ SVDs run in fp32.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -104,8 +105,9 @@ class _Structure(nnx.Module):
     def _dtypes(self, param_dtype, compute_dtype, out_dtype) -> None:
         self.param_dtype, self.compute_dtype, self.out_dtype = param_dtype, compute_dtype, out_dtype
 
-    def _kernel(self, dtype: jnp.dtype) -> jax.Array:
-        raise NotImplementedError
+    # W in `dtype`, defined by every subclass (lowrank, SLTrain, ReLoRA, LOST, SST); only
+    # declared here, so a subclass without it is an AttributeError naming `_kernel`.
+    _kernel: Callable[[jnp.dtype], jax.Array]
 
     def effective_kernel(self) -> jax.Array:
         return self._kernel(self.param_dtype)
