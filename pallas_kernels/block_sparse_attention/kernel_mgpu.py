@@ -68,6 +68,17 @@ def mask_index(b, h, layout):
     return (b if per_batch else 0), (h if per_head else 0)
 
 
+def program_tiles(table_ref, count_ref, diagonal_ref, layout):
+    """This program's (head, block index, batch, warpgroup), its count of listed tiles, its
+    pipeline steps (those tiles, then the diagonal one when causal) and its table row."""
+    head, i, batch = (jax.lax.axis_index(a) for a in ("heads", "seq", "batch"))
+    wg = jax.lax.axis_index("wg")
+    mb, mh = mask_index(batch, head, layout)
+    count = count_ref[mb, mh, i]
+    steps = count + (diagonal_ref[mb, mh, i] if layout.causal else 0)
+    return head, i, batch, wg, count, steps, table_ref.at[mb, mh, i]
+
+
 def causal_mask(s, is_diagonal, row_offset: int | jax.Array, transposed: bool):
     """On the diagonal step only, hide key c from query r when c > r (tile-local indices;
     this warpgroup's rows start at `row_offset`). `transposed`: s is keys x queries (dK/dV).
@@ -121,12 +132,8 @@ def forward(q, k, v, layout, *, block: int, scale: float, interpret: bool = Fals
 
     def body(table_ref, count_ref, diagonal_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
              qo_smem2, p_smem2, lse_smem2, q_barriers):
-        head, i, batch = (jax.lax.axis_index(a) for a in ("heads", "seq", "batch"))
-        wg = jax.lax.axis_index("wg")
-        mb, mh = mask_index(batch, head, layout)
-        count = count_ref[mb, mh, i]
-        steps = count + (diagonal_ref[mb, mh, i] if layout.causal else 0)
-        row_table = table_ref.at[mb, mh, i]
+        head, i, batch, wg, count, steps, row_table = program_tiles(
+            table_ref, count_ref, diagonal_ref, layout)
 
         def compute(pipeline):
             qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]

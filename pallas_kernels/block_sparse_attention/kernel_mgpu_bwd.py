@@ -32,8 +32,8 @@ from pallas_kernels.block_sparse_attention.kernel_mgpu import (
     causal_mask,
     launch,
     listed_block,
-    mask_index,
     matmul,
+    program_tiles,
     stage,
     transforms,
 )
@@ -48,12 +48,8 @@ def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_fl
 
     def body(table_ref, count_ref, diagonal_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
              delta_ref, dq_ref, q_smem2, do_smem2, ds_smem2, lse_smem2, delta_smem2, loaded):
-        head, i, batch = (jax.lax.axis_index(a) for a in ("heads", "seq", "batch"))
-        wg = jax.lax.axis_index("wg")
-        mb, mh = mask_index(batch, head, layout)
-        count = count_ref[mb, mh, i]
-        steps = count + (diagonal_ref[mb, mh, i] if layout.causal else 0)
-        row_table = table_ref.at[mb, mh, i]
+        head, i, batch, wg, count, steps, row_table = program_tiles(
+            table_ref, count_ref, diagonal_ref, layout)
 
         def compute(pipeline):
             q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
@@ -116,12 +112,8 @@ def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_
 
     def body(table_ref, count_ref, diagonal_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
              delta_ref, dk_ref, dv_ref, k_smem2, v_smem2, p_smem2, loaded):
-        head, j, batch = (jax.lax.axis_index(a) for a in ("heads", "seq", "batch"))
-        wg = jax.lax.axis_index("wg")
-        mb, mh = mask_index(batch, head, layout)
-        count = count_ref[mb, mh, j]
-        steps = count + (diagonal_ref[mb, mh, j] if layout.causal else 0)
-        col_table = table_ref.at[mb, mh, j]
+        head, j, batch, wg, count, steps, col_table = program_tiles(
+            table_ref, count_ref, diagonal_ref, layout)
 
         def compute(pipeline):
             k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
