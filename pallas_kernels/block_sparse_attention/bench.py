@@ -26,8 +26,10 @@ for sparse), backward 2.5x forward.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -130,45 +132,47 @@ def bench_seq(t: int, batch: int, heads: int, kv_heads: int, head_dim: int, bloc
     return rows
 
 
-def sweep(t: int, batch: int, heads: int, kv_heads: int, head_dim: int, block: int,
-          sparsity: float, reps: int) -> None:
-    """Forward + backward over Triton launch parameters at one shape and sparsity."""
+def _time_candidates(candidates: dict[str, Callable], t: int, batch: int, heads: int,
+                     kv_heads: int, head_dim: int, block: int, sparsity: float,
+                     reps: int) -> None:
+    """Forward and forward + backward of each candidate (label -> fn(q, k, v, layout)) on
+    the same random bf16 inputs and causal block mask; a failing one is reported, skipped."""
     keys = jax.random.split(jax.random.key(0), 4)
     shape_q, shape_kv = (batch, t, heads, head_dim), (batch, t, kv_heads, head_dim)
     args = tuple(jax.random.normal(key, shape, jnp.bfloat16)
                  for key, shape in zip(keys, (shape_q, shape_kv, shape_kv, shape_q)))
     layout = build_layout(random_causal_mask(0, t // block, sparsity))
-    for warps, stages in itertools.product((4, 8), (1, 2, 3, 4)):
-        fn = lambda q, k, v, w=warps, s=stages: block_sparse_attention(  # noqa: E731
-            q, k, v, layout, block=block, implementation=PALLAS, num_warps=w, num_stages=s)
+    for label, candidate in candidates.items():
+        fn = lambda q, k, v, c=candidate: c(q, k, v, layout)  # noqa: E731
         try:
             fwd, fb = _timed(fn, args, reps)
         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: skip it
-            print(f"  warps {warps} stages {stages}: failed ({' '.join(str(e).split())[:100]})")
+            print(f"  {label}: failed ({' '.join(str(e).split())[:100]})")
             continue
-        print(f"  block {block} warps {warps} stages {stages}: fwd {1e3 * fwd:.2f} ms, "
-              f"fwd+bwd {1e3 * fb:.2f} ms", flush=True)
+        print(f"  block {block} {label}: fwd {1e3 * fwd:.2f} ms, fwd+bwd {1e3 * fb:.2f} ms",
+              flush=True)
+
+
+def sweep(t: int, batch: int, heads: int, kv_heads: int, head_dim: int, block: int,
+          sparsity: float, reps: int) -> None:
+    """Forward + backward over Triton launch parameters at one shape and sparsity."""
+    candidates = {
+        f"warps {w} stages {s}": functools.partial(
+            block_sparse_attention, block=block, implementation=PALLAS, num_warps=w,
+            num_stages=s)
+        for w, s in itertools.product((4, 8), (1, 2, 3, 4))}
+    _time_candidates(candidates, t, batch, heads, kv_heads, head_dim, block, sparsity, reps)
 
 
 def sweep_mosaic(t: int, batch: int, heads: int, kv_heads: int, head_dim: int, block: int,
                  sparsity: float, reps: int) -> None:
     """Forward + backward over the Mosaic kernels' TMA ring depth (all three kernels)."""
-    keys = jax.random.split(jax.random.key(0), 4)
-    shape_q, shape_kv = (batch, t, heads, head_dim), (batch, t, kv_heads, head_dim)
-    args = tuple(jax.random.normal(key, shape, jnp.bfloat16)
-                 for key, shape in zip(keys, (shape_q, shape_kv, shape_kv, shape_q)))
-    layout = build_layout(random_causal_mask(0, t // block, sparsity))
-    for depth in (2, 3, 4):
-        tiling = MosaicAttentionTiling(depth, depth, depth)
-        fn = lambda q, k, v, m=tiling: block_sparse_attention(  # noqa: E731
-            q, k, v, layout, block=block, implementation=RUNS_AS["mosaic"], mosaic=m)
-        try:
-            fwd, fb = _timed(fn, args, reps)
-        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: skip it
-            print(f"  ring {depth}: failed ({' '.join(str(e).split())[:100]})")
-            continue
-        print(f"  block {block} ring {depth}: fwd {1e3 * fwd:.2f} ms, fwd+bwd {1e3 * fb:.2f} ms",
-              flush=True)
+    candidates = {
+        f"ring {depth}": functools.partial(
+            block_sparse_attention, block=block, implementation=RUNS_AS["mosaic"],
+            mosaic=MosaicAttentionTiling(depth, depth, depth))
+        for depth in (2, 3, 4)}
+    _time_candidates(candidates, t, batch, heads, kv_heads, head_dim, block, sparsity, reps)
 
 
 def _fmt(x, spec=".2f", suffix=""):
