@@ -5,7 +5,6 @@ The corpus is real text (standard-library modules), never zeros: a pipeline that
 offsets shows up as a mismatch against the token stream.
 """
 import json
-import sysconfig
 from collections import Counter
 from pathlib import Path
 
@@ -16,32 +15,12 @@ import pytest
 from spjax.data import (
     TokenWindows,
     eval_batches,
-    load_meta,
     prepare_dataset,
     train_iterator,
 )
 from spjax.errors import CheckpointError, ConfigError, DataError
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-MODULES = ["textwrap", "heapq", "bisect", "shlex", "glob", "fnmatch", "colorsys", "keyword",
-           "string", "copy", "fractions", "graphlib"]
-
-
-def _texts() -> dict[str, str]:
-    return {m: (STDLIB / f"{m}.py").read_text() for m in MODULES}
-
-
-def _one_line(err: pytest.ExceptionInfo, *needles: str) -> None:
-    msg = str(err.value)
-    assert "\n" not in msg
-    for n in needles:
-        assert n in msg, msg
-
-
-def _stream(path: Path, split: str) -> np.ndarray:
-    meta = load_meta(path)
-    parts = [np.fromfile(path / s, meta["dtype"]) for s in meta["splits"][split]["shards"]]
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+from test_data import _one_line, _stream, _texts  # the corpus and checks both files use
 
 
 @pytest.fixture(scope="module")
