@@ -326,10 +326,11 @@ def _init_from(source: str, state: TrainState, program: Program, layout: Any, is
     aliases = _warm_start_aliases(abstract)
     restored, missing, step = restore_matching(source, _with_aliases(abstract, aliases))
     for source_path, path in aliases.items():  # a dense run's kernel becomes ReLoRA's W0
-        if source_path in restored and path not in restored:
-            restored[path] = restored.pop(source_path)
+        kernel = restored.pop(source_path, None)  # never counted as a tensor of its own
+        if kernel is not None and path not in restored:  # a ReLoRA run's own W0 wins
+            restored[path] = kernel
             missing.remove(path)
-        elif source_path in missing:
+        if source_path in missing:
             missing.remove(source_path)
     if not any(path.startswith("params/") for path in restored):
         raise CheckpointError(f"train.init_from: the checkpoint in '{source}' holds none of "
