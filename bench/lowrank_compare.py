@@ -35,8 +35,8 @@ PUBLISHED_60M = {"full": 34.06, "galore": 34.88, "relora": 37.04, "relora_warm":
                  "lowrank": 78.18, "sltrain": 34.15}
 
 
-def run_method(name: str, args: argparse.Namespace) -> dict | None:
-    overrides, lr = METHODS[name]
+def run_method(label: str, name: str, lr: float, args: argparse.Namespace) -> dict | None:
+    overrides = METHODS[name][0]
     steps = args.steps
     if name.startswith("relora"):  # four merge cycles over the run
         overrides = [*overrides, f"lowrank.relora.merge_every={max(1, steps // 4)}"]
@@ -46,12 +46,24 @@ def run_method(name: str, args: argparse.Namespace) -> dict | None:
         # init_from restarts the data stream, so the ReLoRA part shuffles with another seed
         # (about a quarter of its batches were seen by the warm start, in another order).
         warm = max(1, steps // 4)
-        warm_dir = Path(args.run_root) / "relora_warm_start"
-        if train(f"{name} warm start", warm_dir, warm, METHODS["full"][1], [], args) is None:
+        warm_dir = Path(args.run_root) / f"{label}_start"
+        if train(f"{label} warm start", warm_dir, warm, METHODS["full"][1], [], args) is None:
             return None
         overrides = [*overrides, f"train.init_from={warm_dir}", "data.seed=1"]
         steps -= warm
-    return train(name, Path(args.run_root) / name, steps, lr, overrides, args)
+    return train(label, Path(args.run_root) / label, steps, lr, overrides, args)
+
+
+def parse_method(entry: str) -> tuple[str, str, float]:
+    """'galore' or 'galore:5e-3' -> (run label, method, peak learning rate)."""
+    name, _, lr_text = entry.partition(":")
+    if name not in METHODS:
+        raise SystemExit(f"--methods: unknown method {name!r}; choose from {', '.join(METHODS)}")
+    try:
+        lr = float(lr_text) if lr_text else METHODS[name][1]
+    except ValueError:
+        raise SystemExit(f"--methods: {entry!r} needs a number after ':', e.g. {name}:1e-3")
+    return (f"{name}_lr{lr_text}" if lr_text else name), name, lr
 
 
 def train(name: str, run_dir: Path, steps: int, lr: float, overrides: list[str],
@@ -74,36 +86,40 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--run-root", default="runs/lowrank_compare")
     parser.add_argument("--plot", default="", help="also draw the validation curves to this PNG")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated; METHOD:LR overrides the method's learning rate, "
+                             "e.g. relora_warm:5e-3 (a learning-rate sweep: repeat the method)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = parser.parse_args()
 
+    runs = [parse_method(entry) for entry in args.methods.split(",")]
     rows, failed = [], []
-    for name in args.methods.split(","):
-        s = run_method(name, args)
+    for label, name, lr in runs:
+        s = run_method(label, name, lr, args)
         if s is None:
-            failed.append(name)
+            failed.append((label, name))
             continue
         memory = s["memory"]["total"]
-        rows.append((name, s["final_val_loss"], s["final_val_perplexity"],
+        rows.append((label, name, lr, s["final_val_loss"], s["final_val_perplexity"],
                      memory["trainable_params"],
                      (memory["param_bytes"] + memory["structure_bytes"]
                       + memory["optimizer_bytes"]) / 2**30, s["tokens_per_s"]))
-    rows.sort(key=lambda r: r[1])
+    rows.sort(key=lambda r: r[3])
     print(f"\n{args.model}, {args.steps} steps x {args.batch} x {args.seq_len} tokens, "
           f"data {args.data or 'built-in default'}")
-    print("| method | val loss | val ppl | trainable params | params + optimizer GiB | "
+    print("| method | lr | val loss | val ppl | trainable params | params + optimizer GiB | "
           "tokens/s | published ppl (GaLore C4 table, 60M) |")
-    print("|---|---|---|---|---|---|---|")
-    for name, loss, ppl, params, gib, rate in rows:
+    print("|---|---|---|---|---|---|---|---|")
+    for label, name, lr, loss, ppl, params, gib, rate in rows:
         published = PUBLISHED_60M.get(name, "")
-        print(f"| {name} | {loss:.4f} | {ppl:.2f} | {params / 1e6:.2f}M | {gib:.3f} | "
+        print(f"| {label} | {lr:g} | {loss:.4f} | {ppl:.2f} | {params / 1e6:.2f}M | {gib:.3f} | "
               f"{rate:,.0f} | {published} |")
-    for name in failed:
-        print(f"| {name} | failed: see its log above | | | | | {PUBLISHED_60M.get(name, '')} |")
+    for label, name in failed:
+        print(f"| {label} | | failed: see its log above | | | | | "
+              f"{PUBLISHED_60M.get(name, '')} |")
 
     if args.plot:
-        plot_metric({name: Path(args.run_root) / name for name in args.methods.split(",")},
+        plot_metric({label: Path(args.run_root) / label for label, _, _ in runs},
                     "val_loss", Path(args.plot), f"{args.model}: validation loss by method")
 
 

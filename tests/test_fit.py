@@ -62,6 +62,13 @@ def test_fitter_recovers_constants_from_noisy_data():
     held = leave_largest_model_out(n, d, loss, starts=8)
     assert held["held_out_n"] == SIZES.max() and held["points"] == len(TOKENS)
     assert held["mean_abs_relative_error"] < 0.01  # extrapolating 3x in N, with 0.3% noise
+    # Sparse runs of the largest model have a smaller N (average non-zero count) than its
+    # dense runs: held out by model size, all of them go, not only the dense ones.
+    sparse_n = np.where(np.arange(len(n)) % 2 == 0, n, 0.6 * n)
+    by_size = leave_largest_model_out(sparse_n, d, loss, starts=8, size=n)
+    assert by_size["points"] == len(TOKENS)
+    assert {p["n"] for p in by_size["predictions"]} == set(sparse_n[n == SIZES.max()])
+    assert leave_largest_model_out(sparse_n, d, loss, starts=8)["points"] < len(TOKENS)
 
 
 def _write(path, rows, columns=None):

@@ -341,5 +341,22 @@ def test_each_parallel_slot_gets_its_own_gpus(monkeypatch):
     shared = slot_envs(2)  # one GPU shared: memory split, no device assignment
     assert [e.get("XLA_PYTHON_CLIENT_MEM_FRACTION") for e in shared] == ["0.450", "0.450"]
     assert all("CUDA_VISIBLE_DEVICES" not in e for e in shared)
-    with pytest.raises(SweepError, match="multiple of --parallel"):
+    packed = slot_envs(4, gpus=2)  # two small points per GPU: each GPU's memory halved
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in packed] == ["0", "1", "0", "1"]
+    assert {e["XLA_PYTHON_CLIENT_MEM_FRACTION"] for e in packed} == {"0.450"}
+    with pytest.raises(SweepError, match="one must be a multiple of the other"):
         slot_envs(2, gpus=3)
+    with pytest.raises(SweepError, match="one must be a multiple of the other"):
+        slot_envs(3, gpus=2)
+
+
+@pytest.mark.parametrize("spec_path", sorted((CONFIGS_DIR / "sweeps").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_sweep_spec_builds_a_valid_config_for_each_point(spec_path):
+    """A spec whose point names a key the config lacks, or a value it refuses, fails here
+    rather than minutes into a GPU sweep."""
+    spec = load_spec(spec_path)
+    points = spec.points()
+    assert len({p.name for p in points}) == len(points) >= 4
+    for point in points:
+        spec.point_config(point)  # raises a one-line ConfigError on a bad key or value

@@ -35,7 +35,8 @@ def add_parsers(commands: Any) -> None:
                             "(default: as many as SLURM allows)")
     sweep.add_argument("--gpus", type=int, default=0,
                        help="local: the host's GPU count; each of the --parallel points gets "
-                            "its own G/N of them (default 0: points share the visible GPUs)")
+                            "its own G/N of them, or N/G points share each GPU (default 0: "
+                            "points share the visible GPUs)")
     sweep.add_argument("--out", help="folder of the run dirs (default: the spec's 'out')")
     sweep.add_argument("--csv", help="collect: the table to write (default OUT/runs.csv)")
     sweep.add_argument("--dry-run", action="store_true",
@@ -140,7 +141,8 @@ def fit_runs(csv_path: str | Path, law: str = "chinchilla", exclude_top_loss: in
         **law_fit.as_dict(),
         "log_params": dict(zip(fitlib.NAMES, map(float, result.theta))),
         "confidence_intervals": None,
-        "leave_largest_model_out": fitlib.leave_largest_model_out(n, d, loss, starts=starts),
+        "leave_largest_model_out": fitlib.leave_largest_model_out(
+            n, d, loss, starts=starts, size=kept.numbers("params") if kept.has("params") else n),
         "compute_optimal": _compute_optimal(law_fit),
         "points": len(loss),
         # 5 constants: with 5 runs or fewer the law fits exactly and its constants are not

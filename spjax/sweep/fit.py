@@ -196,12 +196,16 @@ def bootstrap(n, d, loss, result: FitResult, resamples: int = 200, seed: int = 0
     return out
 
 
-def leave_largest_model_out(n, d, loss, starts: int = 32,
-                            delta: float = HUBER_DELTA) -> dict:
-    """Fits without the largest-N points and predicts them: the extrapolation error."""
+def leave_largest_model_out(n, d, loss, starts: int = 32, delta: float = HUBER_DELTA,
+                            size=None) -> dict:
+    """Fits without the largest model's points and predicts them: the extrapolation error.
+    `size` (default N) says which runs share a model: with N = average non-zero parameters a
+    sparse run's N is smaller than its architecture's, so pass the dense count to hold out
+    every run of the largest architecture, the same points for either law."""
     n, d, loss = (np.asarray(x, float) for x in (n, d, loss))
-    largest = n.max()
-    held = np.isclose(n, largest, rtol=1e-9)
+    size = n if size is None else np.asarray(size, float)
+    largest = size.max()
+    held = np.isclose(size, largest, rtol=1e-9)
     keep = ~held
     if len(np.unique(n[keep])) < 2 or len(np.unique(d[keep])) < 2 or keep.sum() < 3:
         return {"held_out_n": float(largest), "skipped":
@@ -215,5 +219,6 @@ def leave_largest_model_out(n, d, loss, starts: int = 32,
             "fit_without": law.as_dict(),
             "mean_abs_relative_error": float(np.mean(np.abs(rel))),
             "max_abs_relative_error": float(np.max(np.abs(rel))),
-            "predictions": [{"tokens": float(t), "loss": float(y), "predicted": float(p)}
-                            for t, y, p in zip(d[held], loss[held], predicted)]}
+            "predictions": [{"n": float(x), "tokens": float(t), "loss": float(y),
+                             "predicted": float(p)}
+                            for x, t, y, p in zip(n[held], d[held], loss[held], predicted)]}

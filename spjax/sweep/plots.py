@@ -36,11 +36,14 @@ def _flops(table: RunsTable, n, d) -> tuple[np.ndarray, str]:
 
 
 def _axes(ax, xlabel: str) -> None:
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     ax.set_xscale("log")
     ax.set_yscale("log")
     plain = FuncFormatter(lambda y, _: f"{y:g}")  # '3.5', not '3.5 x 10^0'
+    # Losses span less than a decade: label 1.2, 1.4, ... too, or 1-2 has no label at all.
+    ax.yaxis.set_minor_locator(LogLocator(subs=(1.2, 1.4, 1.6, 1.8, 2, 2.5, 3, 4, 5, 6, 7, 8,
+                                                9)))
     ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel(xlabel)

@@ -193,24 +193,28 @@ def terminate_on_sigterm() -> Callable[[], None]:
 
 
 def slot_envs(parallel: int, gpus: int = 0) -> list[dict[str, str]]:
-    """The environment of each of the `parallel` slots. With `gpus` (the host's GPU count, a
-    multiple of `parallel`) each slot owns gpus/parallel GPUs through CUDA_VISIBLE_DEVICES;
+    """The environment of each of the `parallel` slots. With `gpus` (the host's GPU count)
+    either each slot owns gpus/parallel GPUs (gpus a multiple of parallel), or parallel/gpus
+    slots share each GPU (parallel a multiple of gpus: small points cannot fill one);
     without, the slots share the visible devices."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if gpus:
-        if gpus % parallel:
-            raise SweepError(f"--gpus {gpus} must be a multiple of --parallel {parallel}, so "
-                             f"that every point gets the same GPUs")
+    if gpus and gpus % parallel and parallel % gpus:
+        raise SweepError(f"--gpus {gpus} and --parallel {parallel}: one must be a multiple of "
+                         f"the other, so that every point gets the same share of the GPUs")
+    if gpus and gpus >= parallel:
         per = gpus // parallel
         return [{**env, "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in
                                                          range(s * per, (s + 1) * per))}
                 for s in range(parallel)]
+    sharing = parallel // gpus if gpus else parallel
     # Several points on one GPU: JAX would give the first process 75% of the memory and
     # the others would run out; share it out instead. A user's own setting wins.
-    if parallel > 1 and not any(k in env for k in ("XLA_PYTHON_CLIENT_MEM_FRACTION",
-                                                   "XLA_PYTHON_CLIENT_PREALLOCATE")):
-        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / parallel:.3f}"
-    return [env] * parallel
+    if sharing > 1 and not any(k in env for k in ("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                                                  "XLA_PYTHON_CLIENT_PREALLOCATE")):
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / sharing:.3f}"
+    if not gpus:
+        return [env] * parallel
+    return [{**env, "CUDA_VISIBLE_DEVICES": str(s % gpus)} for s in range(parallel)]
 
 
 def run_local(spec: SweepSpec, todo: list[Planned], parallel: int,
