@@ -64,6 +64,9 @@ class AttentionGateConfig:
     d_gate: int = 64  # width of the pooled-Q and pooled-K projections
     loss_coef: float = 1.0  # distillation (KL) loss weight in the train loss
     dense_until: int = 0  # steps of dense attention while the gate distills (warm-up)
+    # distill on every k-th query block row only: the target is a dense Q K^T in XLA per
+    # learned layer and step, which at 8k tokens costs more than the sparse attention saves
+    target_row_stride: int = 1
 
     def validate(self) -> None:
         where = "model.attention_pattern.gate"
@@ -77,6 +80,9 @@ class AttentionGateConfig:
             raise ConfigError(f"{where}.d_gate must be > 0, got {self.d_gate}")
         if self.loss_coef < 0:
             raise ConfigError(f"{where}.loss_coef must be >= 0, got {self.loss_coef}")
+        if self.target_row_stride < 1:
+            raise ConfigError(f"{where}.target_row_stride must be >= 1 (1: every query block "
+                              f"row gets a target), got {self.target_row_stride}")
         if self.dense_until < 0:
             raise ConfigError(f"{where}.dense_until must be >= 0 (steps), got "
                               f"{self.dense_until}")

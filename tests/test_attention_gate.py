@@ -115,6 +115,16 @@ def test_distillation_target_equals_numpy_max_pooled_attention():
     np.testing.assert_allclose(target, expected, rtol=1e-5, atol=1e-7)
 
 
+def test_a_row_stride_computes_exactly_those_rows_of_the_full_target():
+    q, k, _ = _qk(5, b=2, t=64, h=4, g=2, d=8)
+    rows = ag.target_rows(8, 3)
+    np.testing.assert_array_equal(rows, [1, 4, 7])  # ends at the last (longest) row
+    np.testing.assert_array_equal(ag.target_rows(8, 1), np.arange(8))
+    full = np.asarray(ag.distill_target(q, k, 8))
+    np.testing.assert_allclose(np.asarray(ag.distill_target(q, k, 8, rows=rows)),
+                               full[:, :, rows], rtol=1e-6, atol=1e-8)
+
+
 def test_the_gate_alone_learns_to_match_the_target():
     gate, _ = _gate(seed=3)
     q, k, _ = _qk(4)
@@ -210,7 +220,8 @@ def test_pallas_interpret_with_a_traced_mask_matches_the_reference_path():
 def test_sharded_gated_kernels_equal_single_device():
     """Per-sequence tables under a mesh: split with the batch inside shard_map."""
     config = _config(LEARNED, "model.n_layers=1", "model.attention_pattern.kernel=interpret",
-                     "parallel.data=4", "parallel.tensor=2")
+                     "parallel.data=4", "parallel.tensor=2",
+                     "model.attention_pattern.gate.target_row_stride=2")
     model = Transformer(config.model, nnx.Rngs(6))
     tokens = _tokens(7, (4, 64))
     assert_sharded_equals_single(model, tokens, config)
@@ -222,6 +233,7 @@ def test_sharded_gated_kernels_equal_single_device():
     (["model.attention_pattern.gate.d_gate=0"], "gate.d_gate must be > 0"),
     (["model.attention_pattern.gate.threshold=1"], "gate.threshold must lie in"),
     (["model.attention_pattern.gate.dense_until=-1"], "gate.dense_until"),
+    (["model.attention_pattern.gate.target_row_stride=0"], "gate.target_row_stride"),
     (["data.seq_len=72"], "must divide data.seq_len"),
     (['model.attention_pattern.rules=[[".*", dense]]', "train.trainable=gate"],
      "no layer is 'learned'"),

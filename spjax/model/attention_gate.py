@@ -28,7 +28,9 @@ every causal block of gate probability >= threshold, plus the forced ones. Until
 `dense_until` the attention runs dense (an all-causal mask) while the gate distills.
 
 The target is computed one query block at a time (`lax.map`), so it never holds more than
-B x H x b x T probabilities; it costs one extra dense Q K^T forward per learned layer.
+B x H x b x T probabilities; it costs one extra dense Q K^T forward per learned layer, in XLA
+(SeerAttention fuses it into its attention kernel). `gate.target_row_stride` s computes it
+for every s-th query block row only (ending at the last), and the loss and recall on those.
 """
 
 from __future__ import annotations
@@ -126,26 +128,35 @@ def block_mask(log_probs: jax.Array, *, density: float, threshold: float = 0.0,
     return causal & (rank < topk_counts(n, density, keep_first)[:, None])
 
 
+def target_rows(n: int, stride: int) -> np.ndarray:
+    """The query block rows that get a distillation target: every `stride`-th, ending at the
+    last row (the one with the most key blocks); all rows with stride 1."""
+    return np.arange(n - 1, -1, -stride)[::-1]
+
+
 def distill_target(q_BxTxHxK: jax.Array, k_BxTxGxK: jax.Array, block: int,
-                   scale: float | None = None) -> jax.Array:
-    """(B, G, N, N) fp32: dense causal attention probabilities, max-pooled over the group's
-    heads and each b x b tile, rows renormalized. Stop-gradient; one query block at a time."""
-    q = jax.lax.stop_gradient(q_BxTxHxK).astype(jnp.float32)
-    k = jax.lax.stop_gradient(k_BxTxGxK).astype(jnp.float32)
+                   scale: float | None = None, rows: np.ndarray | None = None) -> jax.Array:
+    """(B, G, R, N) fp32 for the R query block `rows` (default all N): dense causal attention
+    probabilities, max-pooled over the group's heads and each b x b tile, rows renormalized.
+    Stop-gradient; one query block at a time. Q K^T runs in the inputs' dtype (bf16 on GPU)
+    with fp32 accumulation, as the attention itself does; the softmax is fp32."""
+    q = jax.lax.stop_gradient(q_BxTxHxK)
+    k = jax.lax.stop_gradient(k_BxTxGxK)
     b, t, h, d = q.shape
     g, n = k.shape[2], t // block
+    rows = np.arange(n) if rows is None else np.asarray(rows)
     scale = d ** -0.5 if scale is None else scale
-    q_blocks = jnp.moveaxis(q.reshape(b, n, block, g, h // g, d), 1, 0)
+    q_blocks = jnp.moveaxis(q.reshape(b, n, block, g, h // g, d), 1, 0)[rows]
     keys = jnp.arange(t)
 
     def row(args):
         i, q_i = args  # q_i: (B, b, G, H/G, d)
-        s = jnp.einsum("brgmd,bsgd->bgmrs", q_i, k) * scale
+        s = jnp.einsum("brgmd,bsgd->bgmrs", q_i, k, preferred_element_type=jnp.float32)
         visible = keys[None, :] <= i * block + jnp.arange(block)[:, None]  # (b, T)
-        p = jax.nn.softmax(jnp.where(visible, s, -jnp.inf), axis=-1)
+        p = jax.nn.softmax(jnp.where(visible, s * scale, -jnp.inf), axis=-1)
         return p.reshape(b, g, h // g, block, n, block).max(axis=(2, 3, 5))  # (B, G, N)
 
-    pooled = jnp.moveaxis(jax.lax.map(row, (jnp.arange(n), q_blocks)), 0, 2)
+    pooled = jnp.moveaxis(jax.lax.map(row, (jnp.asarray(rows), q_blocks)), 0, 2)
     return pooled / pooled.sum(axis=-1, keepdims=True)
 
 
@@ -182,16 +193,19 @@ def gated_attention(gate: AttentionGate, q_BxTxHxK: jax.Array, k_BxTxGxK: jax.Ar
     log_probs = gate.log_probs(q_BxTxHxK, k_BxTxGxK, block)
     mask = block_mask(jax.lax.stop_gradient(log_probs), density=settings.density,
                       threshold=settings.threshold, keep_first=settings.keep_first)
-    target = distill_target(q_BxTxHxK, k_BxTxGxK, block)
+    # The target costs a dense Q K^T per learned layer; a row stride trades gate supervision
+    # for speed (the gate's weights are shared by all rows, so a subset still trains them).
+    rows = target_rows(log_probs.shape[-1], settings.target_row_stride)
+    target = distill_target(q_BxTxHxK, k_BxTxGxK, block, rows=rows)
     if step is not None and settings.dense_until > 0:
         mask = jnp.where(step >= settings.dense_until, mask, causal_blocks(mask.shape[-1]))
     mask_BxHxNxN = jnp.repeat(mask, h // g, axis=1)  # query head h reads group h // (H/G)
     out = sparse_attention.attend_mask(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask_BxHxNxN,
                                        section, name)
-    aux = {"attn_gate_loss": distill_loss(target, log_probs),
+    aux = {"attn_gate_loss": distill_loss(target, log_probs[..., rows, :]),
            "attn_density": pair_density(mask, block),
-           # share of the (pooled) attention mass the used mask covers
-           "attn_gate_recall": jnp.mean(jnp.sum(target * mask, axis=-1))}
+           # share of the (pooled) attention mass the used mask covers, on the target's rows
+           "attn_gate_recall": jnp.mean(jnp.sum(target * mask[..., rows, :], axis=-1))}
     return out, aux
 
 
