@@ -76,6 +76,33 @@ def test_all_three_products_match_the_reference(implementation, case):
     assert np.all(np.asarray(dw)[pruned] == 0.0)  # no gradient reaches pruned tiles
 
 
+@pytest.mark.parametrize("splits", [1, 2, 3, 5])
+def test_weight_grad_split_over_tokens_sums_every_range_once(splits):
+    """Split-K weight gradient: 5 token chunks in 1, 2, 3 (uneven) or 5 ranges; a chunk
+    summed twice or skipped changes dW."""
+    from pallas_kernels.block_sparse import kernel
+
+    x, _, mask, dy = _inputs(160, 64, 96, 32, 0.5, "empty_rows_and_cols", jnp.float32,
+                             seed=11 + splits)
+    dw = kernel.weight_grad(x, dy, mask.astype(jnp.int32), block=32, block_t=32,
+                            interpret=True, out_dtype=jnp.float32, splits=splits)
+    expected = reference.weight_grad(x, dy, mask, 32)
+    assert _relative_error(dw, expected) < 1e-6
+    pruned = ~np.asarray(reference.expand(mask, 32, jnp.float32), bool)
+    assert np.all(np.asarray(dw)[pruned] == 0.0)
+
+
+def test_weight_grad_splits_only_small_weights():
+    from pallas_kernels.block_sparse.kernel import weight_grad_splits
+
+    # 1024 x 1024 in 128-blocks is 64 tiles: split 4 ways to fill ~2 programs per SM
+    assert weight_grad_splits(32768, 1024, 1024, block=128, block_t=64) == 4
+    assert weight_grad_splits(32768, 4096, 4096, block=128, block_t=64) == 1  # 1024 tiles
+    assert weight_grad_splits(128, 1024, 1024, block=128, block_t=64) == 2  # only 2 chunks
+    # fp32 partials are capped at 256 MiB: 16 tiles of 1024 would want 16 splits of 64 MiB
+    assert weight_grad_splits(1 << 20, 4096, 4096, block=1024, block_t=64) == 4
+
+
 @pytest.mark.parametrize("implementation", ["xla", "interpret"])
 def test_bf16_inputs_accumulate_in_fp32(implementation):
     t, k, n, block = 64, 256, 128, 32

@@ -8,8 +8,9 @@ in fp32; zero tiles cost nothing but their table entries.
 
   forward       grid (T/bt, N/b):  Y[i, j]  = sum_{k in col_table[j]} X[i, k] W[k, j]
   input grad    grid (T/bt, K/b):  dX[i, k] = sum_{j in row_table[k]} dY[i, j] W[k, j]^T
-  weight grad   grid (K/b, N/b):   dW[k, j] = sum_t X[t, k]^T dY[t, j] if tile (k, j) is kept,
-                                   else 0 (every output tile is written)
+  weight grad   grid (K/b, N/b, S): dW[k, j] = sum_t X[t, k]^T dY[t, j] if tile (k, j) is
+                                   kept, else 0 (every output tile is written); the S
+                                   programs of a tile each sum one range of tokens (split-K)
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ def _input_grad_kernel(row_table_ref, row_count_ref, dy_ref, w_ref, dx_ref, *, b
     dx_ref[...] = acc.astype(dx_ref.dtype)
 
 
-def _weight_grad_kernel(block_mask_ref, x_ref, dy_ref, dw_ref, *, block, block_t, chunks):
+def _weight_grad_kernel(block_mask_ref, x_ref, dy_ref, dw_ref, *, block, block_t, chunks,
+                        splits):
     k, j = pl.program_id(0), pl.program_id(1)
+    part = pl.program_id(2) if splits > 1 else 0
     ks, cols = _tile(k, block), _tile(j, block)
 
     def body(t, acc):
@@ -66,11 +69,32 @@ def _weight_grad_kernel(block_mask_ref, x_ref, dy_ref, dw_ref, *, block, block_t
         return acc + jax.lax.dot_general(x_ref[rows, ks], dy_ref[rows, cols], _TN,
                                          preferred_element_type=jnp.float32)
 
-    # pruned tiles: no work, zeros out. Integer arithmetic, not jnp.where: the Triton
-    # lowering gave the where's weakly typed result an i1 type, an invalid loop bound.
-    n = jnp.minimum(block_mask_ref[k, j], 1) * chunks
-    acc = jax.lax.fori_loop(0, n, body, jnp.zeros((block, block), jnp.float32))
+    # this program's share of the token chunks (split-K over tokens); pruned tiles: no
+    # work, zeros out. Integer arithmetic, not jnp.where: the Triton lowering gave the
+    # where's weakly typed result an i1 type, an invalid loop bound.
+    keep = jnp.minimum(block_mask_ref[k, j], 1)
+    start = part * chunks // splits
+    stop = start + keep * ((part + 1) * chunks // splits - start)
+    acc = jax.lax.fori_loop(start, stop, body, jnp.zeros((block, block), jnp.float32))
     dw_ref[...] = acc.astype(dw_ref.dtype)
+
+
+# Programs to aim for in the weight gradient: two per SM of an H100/H200 (132 SMs). Its grid
+# has one program per weight tile, and a small weight (1024 x 1024 in 128-blocks: 64 tiles,
+# 16 of them kept at 75% sparsity) leaves most SMs idle while each program reduces over
+# every token; splitting the tokens fills them.
+TARGET_PROGRAMS = 264
+# fp32 partial sums of a split weight gradient; above this the split is reduced
+MAX_PARTIALS_BYTES = 256 * 2**20
+
+
+def weight_grad_splits(tokens: int, k: int, n: int, *, block: int, block_t: int) -> int:
+    """How many token ranges the weight gradient splits into (1: none)."""
+    chunks, tiles = tokens // block_t, (k // block) * (n // block)
+    splits = max(1, min(chunks, TARGET_PROGRAMS // tiles))
+    while splits > 1 and splits * k * n * 4 > MAX_PARTIALS_BYTES:
+        splits //= 2
+    return splits
 
 
 def _whole() -> pl.BlockSpec:
@@ -108,14 +132,27 @@ def input_grad(dy_TxN, w_KxN, row_table, row_count, *, block, block_t, interpret
 
 
 def weight_grad(x_TxK, dy_TxN, block_mask, *, block, block_t, interpret, out_dtype,
-                num_warps=4, num_stages=3):
+                num_warps=4, num_stages=3, splits: int = 0):
+    """`splits` token ranges reduce into fp32 partial tiles summed after the kernel (0: by
+    weight_grad_splits)."""
     t, k = x_TxK.shape
     n = dy_TxN.shape[1]
+    chunks = t // block_t
+    splits = splits or weight_grad_splits(t, k, n, block=block, block_t=block_t)
+    splits = min(splits, chunks)
     kernel = functools.partial(_weight_grad_kernel, block=block, block_t=block_t,
-                               chunks=t // block_t)
-    return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((k, n), out_dtype),
-        grid=(k // block, n // block), in_specs=[_whole()] * 3,
-        out_specs=pl.BlockSpec((block, block), lambda i, j: (i, j)),
+                               chunks=chunks, splits=splits)
+    if splits == 1:  # one program per tile, written in out_dtype directly
+        return pl.pallas_call(
+            kernel, out_shape=jax.ShapeDtypeStruct((k, n), out_dtype),
+            grid=(k // block, n // block), in_specs=[_whole()] * 3,
+            out_specs=pl.BlockSpec((block, block), lambda i, j: (i, j)),
+            interpret=interpret, compiler_params=_params(num_warps, num_stages),
+            name="block_sparse_weight_grad")(block_mask, x_TxK, dy_TxN)
+    partials = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((splits, k, n), jnp.float32),
+        grid=(k // block, n // block, splits), in_specs=[_whole()] * 3,
+        out_specs=pl.BlockSpec((None, block, block), lambda i, j, s: (s, i, j)),
         interpret=interpret, compiler_params=_params(num_warps, num_stages),
-        name="block_sparse_weight_grad")(block_mask, x_TxK, dy_TxN)
+        name="block_sparse_weight_grad_split")(block_mask, x_TxK, dy_TxN)
+    return partials.sum(axis=0).astype(out_dtype)
