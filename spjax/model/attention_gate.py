@@ -153,8 +153,12 @@ def distill_target(q_BxTxHxK: jax.Array, k_BxTxGxK: jax.Array, block: int,
         i, q_i = args  # q_i: (B, b, G, H/G, d)
         s = jnp.einsum("brgmd,bsgd->bgmrs", q_i, k, preferred_element_type=jnp.float32)
         visible = keys[None, :] <= i * block + jnp.arange(block)[:, None]  # (b, T)
-        p = jax.nn.softmax(jnp.where(visible, s * scale, -jnp.inf), axis=-1)
-        return p.reshape(b, g, h // g, block, n, block).max(axis=(2, 3, 5))  # (B, G, N)
+        s = jnp.where(visible, s * scale, -jnp.inf)
+        # max over a tile of p = exp(s - lse) is exp(max over the tile of s - lse): two
+        # reductions of s instead of writing and re-reading the probabilities
+        lse = jax.nn.logsumexp(s, axis=-1)  # (B, G, H/G, b)
+        tile_max = s.reshape(b, g, h // g, block, n, block).max(axis=-1)
+        return jnp.exp(tile_max - lse[..., None]).max(axis=(2, 3))  # (B, G, N)
 
     pooled = jnp.moveaxis(jax.lax.map(row, (jnp.asarray(rows), q_blocks)), 0, 2)
     return pooled / pooled.sum(axis=-1, keepdims=True)
