@@ -67,6 +67,9 @@ class AttentionGateConfig:
     # distill on every k-th query block row only: the target is a dense Q K^T in XLA per
     # learned layer and step, which at 8k tokens costs more than the sparse attention saves
     target_row_stride: int = 1
+    # the target's implementation: xla (jnp), pallas (one fused kernel per target row, GPU),
+    # interpret (that kernel on CPU); auto = xla until the kernel is measured on a GPU
+    target_kernel: Literal["auto", "xla", "pallas", "interpret"] = "auto"
 
     def validate(self) -> None:
         where = "model.attention_pattern.gate"

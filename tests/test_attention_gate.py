@@ -125,6 +125,38 @@ def test_a_row_stride_computes_exactly_those_rows_of_the_full_target():
                                full[:, :, rows], rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("t, h, g, block, stride", [
+    (96, 4, 2, 16, 1),   # 6 blocks: the kernel's vector is padded to 8
+    (128, 4, 1, 32, 1),  # MQA: one map from all four heads
+    (128, 2, 2, 16, 3),  # every 3rd row, ending at the last
+])
+def test_fused_target_kernel_equals_the_xla_target(t, h, g, block, stride):
+    """The Pallas kernel (interpret mode) against the jnp target, fresh random Q and K with
+    a spread of scales so the maxima are not all on the diagonal."""
+    q, k, _ = _qk(20 + t + stride, b=2, t=t, h=h, g=g, d=16)
+    q = q * jnp.linspace(0.5, 3.0, t)[None, :, None, None]
+    rows = ag.target_rows(t // block, stride)
+    expected = np.asarray(ag.distill_target(q, k, block, rows=rows))
+    fused = np.asarray(ag.distill_target(q, k, block, rows=rows, implementation="interpret"))
+    np.testing.assert_allclose(fused, expected, rtol=2e-5, atol=1e-7)
+    # causal: nothing right of the diagonal, and every row sums to 1
+    assert np.all(fused[..., np.arange(t // block)[None, :] > rows[:, None]] == 0)
+    np.testing.assert_allclose(fused.sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", [64, 128])
+def test_gpu_fused_target_kernel_equals_the_xla_target(block):
+    """bf16 Q and K at 2048 tokens, GQA 8/2, every 4th row: the Triton-lowered kernel."""
+    q, k, _ = _qk(40 + block, b=2, t=2048, h=8, g=2, d=64)
+    q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    rows = ag.target_rows(2048 // block, 4)
+    expected = np.asarray(ag.distill_target(q, k, block, rows=rows))
+    fused = np.asarray(jax.jit(lambda q, k: ag.distill_target(
+        q, k, block, rows=rows, implementation="pallas"))(q, k))
+    np.testing.assert_allclose(fused, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_the_gate_alone_learns_to_match_the_target():
     gate, _ = _gate(seed=3)
     q, k, _ = _qk(4)
@@ -221,7 +253,8 @@ def test_sharded_gated_kernels_equal_single_device():
     """Per-sequence tables under a mesh: split with the batch inside shard_map."""
     config = _config(LEARNED, "model.n_layers=1", "model.attention_pattern.kernel=interpret",
                      "parallel.data=4", "parallel.tensor=2",
-                     "model.attention_pattern.gate.target_row_stride=2")
+                     "model.attention_pattern.gate.target_row_stride=2",
+                     "model.attention_pattern.gate.target_kernel=interpret")
     model = Transformer(config.model, nnx.Rngs(6))
     tokens = _tokens(7, (4, 64))
     assert_sharded_equals_single(model, tokens, config)
@@ -234,6 +267,7 @@ def test_sharded_gated_kernels_equal_single_device():
     (["model.attention_pattern.gate.threshold=1"], "gate.threshold must lie in"),
     (["model.attention_pattern.gate.dense_until=-1"], "gate.dense_until"),
     (["model.attention_pattern.gate.target_row_stride=0"], "gate.target_row_stride"),
+    (["model.attention_pattern.gate.target_kernel=triton"], "target_kernel"),
     (["data.seq_len=72"], "must divide data.seq_len"),
     (['model.attention_pattern.rules=[[".*", dense]]', "train.trainable=gate"],
      "no layer is 'learned'"),

@@ -41,7 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.block_sparse_attention import gate_target
+from spjax import parallel
 from spjax.config import AttentionPatternConfig, ModelConfig
 from spjax.model import sparse_attention
 
@@ -135,17 +138,24 @@ def target_rows(n: int, stride: int) -> np.ndarray:
 
 
 def distill_target(q_BxTxHxK: jax.Array, k_BxTxGxK: jax.Array, block: int,
-                   scale: float | None = None, rows: np.ndarray | None = None) -> jax.Array:
+                   scale: float | None = None, rows: np.ndarray | None = None,
+                   implementation: str = "xla") -> jax.Array:
     """(B, G, R, N) fp32 for the R query block `rows` (default all N): dense causal attention
     probabilities, max-pooled over the group's heads and each b x b tile, rows renormalized.
-    Stop-gradient; one query block at a time. Q K^T runs in the inputs' dtype (bf16 on GPU)
-    with fp32 accumulation, as the attention itself does; the softmax is fp32."""
+    Stop-gradient. `implementation` 'xla' (below, one query block at a time), or 'pallas' /
+    'interpret': the fused kernel of pallas_kernels/block_sparse_attention/gate_target.py.
+    Q K^T runs in the inputs' dtype (bf16 on GPU) with fp32 accumulation, as the attention
+    itself does; the softmax statistics are fp32."""
     q = jax.lax.stop_gradient(q_BxTxHxK)
     k = jax.lax.stop_gradient(k_BxTxGxK)
     b, t, h, d = q.shape
     g, n = k.shape[2], t // block
     rows = np.arange(n) if rows is None else np.asarray(rows)
     scale = d ** -0.5 if scale is None else scale
+    if implementation != "xla":
+        pooled = gate_target.max_pooled_attention(q, k, block, rows, scale=scale,
+                                                  interpret=implementation == "interpret")
+        return pooled / pooled.sum(axis=-1, keepdims=True)
     q_blocks = jnp.moveaxis(q.reshape(b, n, block, g, h // g, d), 1, 0)[rows]
     keys = jnp.arange(t)
 
@@ -162,6 +172,33 @@ def distill_target(q_BxTxHxK: jax.Array, k_BxTxGxK: jax.Array, block: int,
 
     pooled = jnp.moveaxis(jax.lax.map(row, (jnp.asarray(rows), q_blocks)), 0, 2)
     return pooled / pooled.sum(axis=-1, keepdims=True)
+
+
+def target_implementation(kernel: str) -> str:
+    """gate.target_kernel -> distill_target's implementation. 'auto' stays on XLA until the
+    fused kernel is measured on a GPU (docs/ATTENTION.md)."""
+    return "xla" if kernel == "auto" else kernel
+
+
+def layer_target(q_BxTxHxK: jax.Array, k_BxTxGxK: jax.Array, block: int, rows: np.ndarray,
+                 implementation: str) -> jax.Array:
+    """distill_target in a layer: under a mesh the fused kernel, opaque to XLA's partitioner,
+    runs inside shard_map (sequences over the batch axes, heads over `tensor`), as the
+    attention kernels do; the jnp version is partitioned by XLA."""
+    def call(q, k):
+        return distill_target(q, k, block, rows=rows, implementation=implementation)
+
+    active = parallel.active()
+    if implementation == "xla" or active is None:
+        return call(q_BxTxHxK, k_BxTxGxK)
+    mesh, rules = active
+    spec = parallel.logical_to_spec(("batch", None, "heads", None), q_BxTxHxK.shape, rules,
+                                    mesh)
+    kv_spec = parallel.logical_to_spec(("batch", None, "heads", None), k_BxTxGxK.shape, rules,
+                                       mesh)
+    return jax.shard_map(call, mesh=mesh, in_specs=(spec, kv_spec),
+                         out_specs=P(kv_spec[0], kv_spec[2], None, None),
+                         check_vma=False)(q_BxTxHxK, k_BxTxGxK)
 
 
 def distill_loss(target: jax.Array, log_probs: jax.Array) -> jax.Array:
@@ -200,7 +237,8 @@ def gated_attention(gate: AttentionGate, q_BxTxHxK: jax.Array, k_BxTxGxK: jax.Ar
     # The target costs a dense Q K^T per learned layer; a row stride trades gate supervision
     # for speed (the gate's weights are shared by all rows, so a subset still trains them).
     rows = target_rows(log_probs.shape[-1], settings.target_row_stride)
-    target = distill_target(q_BxTxHxK, k_BxTxGxK, block, rows=rows)
+    target = layer_target(q_BxTxHxK, k_BxTxGxK, block, rows,
+                          target_implementation(settings.target_kernel))
     if step is not None and settings.dense_until > 0:
         mask = jnp.where(step >= settings.dense_until, mask, causal_blocks(mask.shape[-1]))
     mask_BxHxNxN = jnp.repeat(mask, h // g, axis=1)  # query head h reads group h // (H/G)
