@@ -31,6 +31,9 @@ class MoEConfig:
     aux_loss_coef: float = 0.01  # load balancing (Switch / GShard)
     z_loss_coef: float = 1e-3  # router z-loss (ST-MoE)
     grouped_gemm: Literal["auto", "ragged_dot", "pallas"] = "auto"
+    # expert-parallel exchange: padded all_to_all (any backend) or ragged_all_to_all (GPU:
+    # only routed rows move); auto = padded until ragged is measured on GPUs
+    dispatch: Literal["auto", "padded", "ragged"] = "auto"
 
     @property
     def enabled(self) -> bool:

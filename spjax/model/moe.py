@@ -18,9 +18,10 @@ tokens of one batch shard (GShard's "group"), so capacity routing is per data sh
 validation keeps it away from expert parallelism.
 
 Expert parallelism: inside `shard_map` over the whole mesh, each device routes its own tokens,
-sends every assignment to the device holding its expert with an all-to-all (padded to the
-worst case: `ragged_all_to_all` is not implemented on XLA:CPU), runs its local experts, and
-returns the results with a second all-to-all. Expert hidden units may also be split over the
+sends every assignment to the device holding its expert with an all-to-all, runs its local
+experts, and returns the results with a second all-to-all. `model.moe.dispatch`: `padded`
+(the default, any backend) pads each device's send buffer to the worst case; `ragged`
+(GPU; spjax/model/moe_ragged.py) sends only the routed rows with ragged_all_to_all. Expert hidden units may also be split over the
 `tensor` axis (partial outputs summed with a psum).
 """
 
@@ -38,6 +39,8 @@ from pallas_kernels.grouped_gemm import grouped_matmul
 from pallas_kernels.grouped_gemm import kernel as grouped_gemm_kernel
 from spjax import parallel
 from spjax.config import ModelConfig
+from spjax.errors import ConfigError
+from spjax.model import moe_ragged
 from spjax.model.linear import normal_init
 from spjax.model.structures import LinearFactory
 
@@ -136,14 +139,27 @@ def capacity_for(tokens: int, top_k: int, experts: int, factor: float) -> int:
 # ----------------------------------------------------------------------------- expert parallel
 
 
-def _all_to_all_experts(x_NxD, experts_NxK, gates_NxK, w_gate, w_up, w_down, *, axis: str,
-                        shards: int, tensor_axis: str | None, implementation: str) -> jax.Array:
+def _local_experts(rows_x, rows_e, w_gate, w_up, w_down, *, tensor_axis: str | None,
+                   implementation: str) -> jax.Array:
+    """This shard's experts on received rows; expert id == local count marks padding, whose
+    rows come out zero."""
+    local = w_gate.shape[0]
+    order = jnp.argsort(rows_e, stable=True)  # padding (id == local) sorts last, outside groups
+    sizes = jnp.zeros((local + 1,), jnp.int32).at[rows_e].add(1)[:local]
+    out_sorted = grouped_swiglu(rows_x[order], sizes, w_gate, w_up, w_down, implementation)
+    out = jnp.zeros_like(rows_x).at[order].set(out_sorted)
+    if tensor_axis is not None:  # hidden units split over `tensor`: sum the partial outputs
+        out = jax.lax.psum(out, tensor_axis)
+    return out
+
+
+def _all_to_all_experts(x_NxD, experts_NxK, gates_NxK, compute, *, axis: str, shards: int,
+                        local: int) -> jax.Array:
     """Inside shard_map: send each assignment to the shard owning its expert, compute, return.
 
     The send buffer is (shards, N k, d): padded to the worst case of every assignment going to
     one shard, so no token is ever dropped (dropless) and shapes stay static."""
     n, k = experts_NxK.shape
-    local = w_gate.shape[0]  # experts on this shard
     flat = experts_NxK.reshape(-1)
     dest = flat // local
     onehot = jax.nn.one_hot(dest, shards, dtype=jnp.int32)
@@ -154,13 +170,7 @@ def _all_to_all_experts(x_NxD, experts_NxK, gates_NxK, w_gate, w_up, w_down, *, 
     send_e = jnp.full((shards, n * k), local, jnp.int32).at[dest, pos].set(flat % local)
     recv_x = jax.lax.all_to_all(send_x, axis, 0, 0, tiled=False)
     recv_e = jax.lax.all_to_all(send_e, axis, 0, 0, tiled=False)
-    rows_x, rows_e = recv_x.reshape(-1, x_NxD.shape[1]), recv_e.reshape(-1)
-    order = jnp.argsort(rows_e, stable=True)  # padding (id == local) sorts last, outside groups
-    sizes = jnp.zeros((local + 1,), jnp.int32).at[rows_e].add(1)[:local]
-    out_sorted = grouped_swiglu(rows_x[order], sizes, w_gate, w_up, w_down, implementation)
-    out = jnp.zeros_like(rows_x).at[order].set(out_sorted)
-    if tensor_axis is not None:  # hidden units split over `tensor`: sum the partial outputs
-        out = jax.lax.psum(out, tensor_axis)
+    out = compute(recv_x.reshape(-1, x_NxD.shape[1]), recv_e.reshape(-1))
     back = jax.lax.all_to_all(out.reshape(shards, n * k, -1), axis, 0, 0, tiled=False)
     picked = back[dest, pos] * gates_NxK.reshape(-1)[:, None].astype(back.dtype)
     return jnp.zeros_like(x_NxD).at[token].add(picked)
@@ -219,6 +229,9 @@ class MoE(nnx.Module):
         """shard_map over the whole mesh: tokens over the batch axes, experts over `expert`,
         expert hidden units over `tensor`; loss statistics summed over the batch axes."""
         mesh, rules = active
+        if self.moe.dispatch == "ragged" and not moe_ragged.available():
+            raise ConfigError("model.moe.dispatch=ragged needs a GPU: XLA:CPU has no "
+                              "ragged_all_to_all; use model.moe.dispatch=padded here")
         token_axes = parallel.batch_sharding(mesh, rules).spec[0]
         token_axes = (token_axes,) if isinstance(token_axes, str) else tuple(token_axes or ())
         ep = mesh.shape["expert"]
@@ -230,9 +243,11 @@ class MoE(nnx.Module):
         def body(x, router, w_gate, w_up, w_down):
             if ep > 1:
                 gates, experts, stats = route(x, router, self.moe.top_k)
-                y = _all_to_all_experts(x, experts, gates, w_gate, w_up, w_down,
-                                        axis="expert", shards=ep, tensor_axis=tp,
-                                        implementation=self.gemm)
+                exchange = (moe_ragged.exchange if self.moe.dispatch == "ragged"
+                            else _all_to_all_experts)
+                y = exchange(x, experts, gates, lambda rows_x, rows_e: _local_experts(
+                    rows_x, rows_e, w_gate, w_up, w_down, tensor_axis=tp,
+                    implementation=self.gemm), axis="expert", shards=ep, local=w_gate.shape[0])
             else:
                 y, stats = self._local(x, router, w_gate, w_up, w_down)
                 if tp is not None:
