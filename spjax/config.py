@@ -81,6 +81,10 @@ class TrainConfig:
     checkpoint_every: int = 500  # 0 disables periodic checkpoints (the final one still runs)
     keep_checkpoints: int = 3
     progress: bool = True  # progress bar on stderr
+    # JAX's persistent compilation cache: a directory, 'auto' (~/.cache/spjax/jax on GPUs,
+    # off on CPU, where compiles are short) or '' (off). A resumed or repeated run then loads
+    # its compiled step instead of compiling it again (minutes for Mosaic-kernel models).
+    compile_cache: str = "auto"
     # A run directory (or its checkpoints/ folder) whose latest checkpoint gives the initial
     # parameters and structure, matched by path; what it lacks (a new gate) keeps its fresh
     # init. Optimizer, step and data start afresh. Ignored when this run_dir can resume.

@@ -159,3 +159,42 @@ def test_missing_dataset_is_one_line_cli_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("spjax: error: ") and "nope" in err and "prepare-data" in err
+
+
+def test_compile_cache_fills_once_and_a_repeated_run_reuses_it(dataset, tmp_path):
+    """train.compile_cache: the first run writes compiled programs; an identical run in
+    another run dir loads them from the cache (hits, no new entries)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    cache = tmp_path / "cache"
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # CPU compiles are fast
+    try:
+        extra = [f"train.compile_cache={cache}", "train.steps=2", "train.eval_every=0"]
+        train(_config(dataset, tmp_path / "a", *extra))
+        entries = sorted(p.name for p in cache.iterdir())
+        assert entries, "nothing was cached"
+        hits = []
+
+        def count(event: str, **_) -> None:
+            if event == "/jax/compilation_cache/cache_hits":
+                hits.append(event)
+
+        jax.monitoring.register_event_listener(count)
+        try:
+            train(_config(dataset, tmp_path / "b", *extra))
+        finally:
+            jax.monitoring.unregister_event_listener(count)
+        assert len(hits) >= 1  # the train step came from the cache, not a new compile
+        assert sorted(p.name for p in cache.iterdir()) == entries
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()
+
+
+def test_an_unwritable_compile_cache_is_a_config_error(dataset, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="train.compile_cache: cannot create"):
+        train(_config(dataset, tmp_path / "run", f"train.compile_cache={blocker}/cache"))

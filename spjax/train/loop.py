@@ -98,6 +98,7 @@ class _StopFlag:
 def train(config: Config) -> dict[str, Any]:
     """Runs (or resumes) training as configured; returns the summary written to summary.json."""
     wall_start = time.time()
+    use_compile_cache(config.train.compile_cache)
     config, data_meta = resolve_config(config)
     is_main = jax.process_index() == 0
     run_dir = Path(config.run_dir)
@@ -300,6 +301,27 @@ def train(config: Config) -> dict[str, Any]:
               f"(ppl {_ppl(val_loss):.2f}) in {summary['wall_time_s']:.0f}s; "
               f"summary in {run_dir / 'summary.json'}", flush=True)
     return summary
+
+
+def use_compile_cache(setting: str) -> str | None:
+    """Points JAX's persistent compilation cache at train.compile_cache; returns the
+    directory, or None when off. Entries are keyed by the program, so runs share it safely."""
+    if setting == "auto":
+        setting = "" if jax.default_backend() == "cpu" else str(
+            Path.home() / ".cache" / "spjax" / "jax")
+    if not setting:
+        return None
+    path = Path(setting).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"train.compile_cache: cannot create {path} ({e.strerror}); give a "
+                          f"writable directory, or '' to turn the cache off") from None
+    from jax.experimental.compilation_cache import compilation_cache
+
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    compilation_cache.reset_cache()  # a cache opened earlier in this process moves here
+    return str(path)
 
 
 def _log(writer: MetricsWriter, bar: tqdm, step: int, metrics: dict[str, Any],
