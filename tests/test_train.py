@@ -168,6 +168,7 @@ def test_compile_cache_fills_once_and_a_repeated_run_reuses_it(dataset, tmp_path
 
     cache = tmp_path / "cache"
     min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    max_size = jax.config.jax_compilation_cache_max_size
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # CPU compiles are fast
     try:
         extra = [f"train.compile_cache={cache}", "train.steps=2", "train.eval_every=0"]
@@ -189,6 +190,7 @@ def test_compile_cache_fills_once_and_a_repeated_run_reuses_it(dataset, tmp_path
         assert sorted(p.name for p in cache.iterdir()) == entries
     finally:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+        jax.config.update("jax_compilation_cache_max_size", max_size)
         jax.config.update("jax_compilation_cache_dir", None)
         compilation_cache.reset_cache()
 

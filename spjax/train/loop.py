@@ -320,6 +320,8 @@ def use_compile_cache(setting: str) -> str | None:
     from jax.experimental.compilation_cache import compilation_cache
 
     jax.config.update("jax_compilation_cache_dir", str(path))
+    if jax.config.jax_compilation_cache_max_size < 0:  # JAX's default: unbounded
+        jax.config.update("jax_compilation_cache_max_size", 4 * 2**30)  # LRU beyond 4 GiB
     compilation_cache.reset_cache()  # a cache opened earlier in this process moves here
     return str(path)
 
