@@ -8,6 +8,8 @@ process N times the tokens per step).
 
     python bench/scaling.py --preset 350m --gpus 2 --batch-per-gpu 32
     python bench/scaling.py --preset moe_8x350m --gpus 2 --batch-per-gpu 16 --modes dp,ep
+    python bench/scaling.py --modes dp --profile /tmp/trace \
+        --xla-flags ';--xla_gpu_all_reduce_combine_threshold_bytes=8388608'
 
 Scaling = tokens/s with N GPUs / tokens/s with one GPU; ideal is N.
 """
@@ -34,15 +36,19 @@ MODES = {
 
 
 def run_mode(preset: str, gpus: int, batch: int, args: argparse.Namespace,
-             overrides: list[str]) -> dict:
+             overrides: list[str], xla_flags: str = "", profile: str = "") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         command = [sys.executable, str(ROOT / "bench/train_throughput.py"), "--presets", preset,
                    "--batch", str(batch), "--seq-len", str(args.seq_len),
-                   "--steps", str(args.steps), "--json", str(out), *overrides, *args.overrides]
+                   "--steps", str(args.steps), "--json", str(out),
+                   *(["--profile", profile] if profile else []), *overrides, *args.overrides]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus))),
                "PYTHONUNBUFFERED": "1"}
-        print(f"[{gpus} GPU] {' '.join(command[2:])}", flush=True)
+        if xla_flags:
+            env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()
+        print(f"[{gpus} GPU] {'XLA_FLAGS=' + repr(xla_flags) + ' ' if xla_flags else ''}"
+              f"{' '.join(command[2:])}", flush=True)
         subprocess.run(command, check=True, cwd=ROOT, env=env)
         return json.loads(out.read_text())[0]
 
@@ -55,6 +61,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--modes", default="dp,fsdp", help=f"comma-separated of {list(MODES)}")
+    parser.add_argument("--xla-flags", default="",
+                        help="';'-separated XLA flag sets: every multi-GPU mode runs once per "
+                             "set (e.g. '--xla_gpu_all_reduce_combine_threshold_bytes=8388608')")
+    parser.add_argument("--profile", default="",
+                        help="trace each multi-GPU run into DIR/<mode>[-<flag set #>]")
     parser.add_argument("overrides", nargs="*", help="config overrides for every mode")
     args = parser.parse_args()
     unknown = [m for m in args.modes.split(",") if m not in MODES]
@@ -62,10 +73,14 @@ def main() -> None:
         parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
 
     rows = [("1 GPU", run_mode(args.preset, 1, args.batch_per_gpu, args, []))]
+    flag_sets = args.xla_flags.split(";") if args.xla_flags else [""]
     for mode in args.modes.split(","):
-        rows.append((f"{mode} x{args.gpus}",
-                     run_mode(args.preset, args.gpus, args.batch_per_gpu * args.gpus, args,
-                              MODES[mode](args.gpus))))
+        for i, flags in enumerate(flag_sets):
+            name = f"{mode} x{args.gpus}" + (f" [{flags}]" if flags else "")
+            tag = mode + (f"-{i}" if len(flag_sets) > 1 else "")
+            rows.append((name, run_mode(args.preset, args.gpus, args.batch_per_gpu * args.gpus,
+                                        args, MODES[mode](args.gpus), flags,
+                                        str(Path(args.profile) / tag) if args.profile else "")))
     base = rows[0][1]["tokens_per_s"]
     print(f"\n{args.preset}, seq {args.seq_len}, {args.batch_per_gpu} sequences per GPU")
     print("| mode | GPUs | global batch | step ms | tokens/s | scaling vs 1 GPU | "
