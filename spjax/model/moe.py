@@ -20,9 +20,9 @@ validation keeps it away from expert parallelism.
 Expert parallelism: inside `shard_map` over the whole mesh, each device routes its own tokens,
 sends every assignment to the device holding its expert with an all-to-all, runs its local
 experts, and returns the results with a second all-to-all. `model.moe.dispatch`: `padded`
-(the default, any backend) pads each device's send buffer to the worst case; `ragged`
-(GPU; spjax/model/moe_ragged.py) sends only the routed rows with ragged_all_to_all. Expert hidden units may also be split over the
-`tensor` axis (partial outputs summed with a psum).
+(the default, any backend) pads each device's send buffer to the worst case; `ragged` (GPU;
+spjax/model/moe_ragged.py) sends only the routed rows with ragged_all_to_all. Expert hidden
+units may also be split over the `tensor` axis (partial outputs summed with a psum).
 """
 
 from __future__ import annotations
