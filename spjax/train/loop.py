@@ -28,6 +28,7 @@ from spjax.data.pipeline import eval_batches, train_iterator
 from spjax.data.prepare import default_dataset, load_meta
 from spjax.errors import CheckpointError, ConfigError, SpjaxError
 from spjax.train import flops as flops_lib
+from spjax.train.compile_cache import use_compile_cache
 from spjax.train.memory import format_report, memory_report
 from spjax.train.metrics import MetricsWriter
 from spjax.train.state import Program, TrainState, init_state, state_layout
@@ -301,29 +302,6 @@ def train(config: Config) -> dict[str, Any]:
               f"(ppl {_ppl(val_loss):.2f}) in {summary['wall_time_s']:.0f}s; "
               f"summary in {run_dir / 'summary.json'}", flush=True)
     return summary
-
-
-def use_compile_cache(setting: str) -> str | None:
-    """Points JAX's persistent compilation cache at train.compile_cache; returns the
-    directory, or None when off. Entries are keyed by the program, so runs share it safely."""
-    if setting == "auto":
-        setting = "" if jax.default_backend() == "cpu" else str(
-            Path.home() / ".cache" / "spjax" / "jax")
-    if not setting:
-        return None
-    path = Path(setting).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"train.compile_cache: cannot create {path} ({e.strerror}); give a "
-                          f"writable directory, or '' to turn the cache off") from None
-    from jax.experimental.compilation_cache import compilation_cache
-
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    if jax.config.jax_compilation_cache_max_size < 0:  # JAX's default: unbounded
-        jax.config.update("jax_compilation_cache_max_size", 4 * 2**30)  # LRU beyond 4 GiB
-    compilation_cache.reset_cache()  # a cache opened earlier in this process moves here
-    return str(path)
 
 
 def _log(writer: MetricsWriter, bar: tqdm, step: int, metrics: dict[str, Any],
