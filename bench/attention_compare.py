@@ -6,9 +6,12 @@ runs whose summary.json exists. Without --data the runs use the built-in default
 
     python bench/attention_compare.py --model tiny --seq-len 512 --batch 8 --steps 300 \\
         --block 32 --window 128 --global-tokens 32 --run-root runs/attention_tiny
-    python bench/attention_compare.py --model 60m --seq-len 8192 --batch 8 --steps 1000 \\
+    python bench/attention_compare.py --model 60m --seq-len 8192 --batch 8 --steps 400 \\
         --block 128 --window 1024 --global-tokens 128 --run-root runs/attention8k \\
-        model.compute_dtype=bfloat16 optimizer.lr=1e-3
+        model.vocab_size=0 model.compute_dtype=bfloat16 optimizer.lr=1e-3
+
+(400 x 8 x 8192 = 26M tokens stays within one epoch of the built-in data; more steps repeat
+it, and the sweep's 4-epoch runs overfit, docs/SWEEPS.md.)
 """
 
 from __future__ import annotations
