@@ -28,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from spjax.errors import CheckpointError
+from spjax.nested import nest_paths
 
 # 2: the data state is one JSON item for all processes (1 had one grain file per process)
 FORMAT_VERSION = 2
@@ -170,18 +171,6 @@ def flat_paths(tree: Any) -> dict[str, Any]:
 
     return {"/".join(name(k) for k in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def nest_paths(flat: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of flat_paths, as nested plain dicts: {'a/b': x} -> {'a': {'b': x}}."""
-    tree: dict[str, Any] = {}
-    for path, leaf in flat.items():
-        *parents, last = path.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = leaf
-    return tree
 
 
 def _check_meta(found: dict[str, Any], expected: dict[str, Any], where: Path,

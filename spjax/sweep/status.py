@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from spjax.config import Config, to_dict
 from spjax.errors import SweepError
+from spjax.nested import nest_paths
 from spjax.sweep.spec import Point, format_value
 
 MARKER = "sweep_point.json"
@@ -117,18 +118,7 @@ def write_marker(point: Point, config: Config, spec_path: Path) -> None:
     point.run_dir.mkdir(parents=True, exist_ok=True)
     marker = {"spec": str(spec_path), "name": point.name,
               "values": {k: v for k, v in point.values}, "overrides": list(point.overrides),
-              "config": _unflatten(_comparable(config))}
+              "config": nest_paths(_comparable(config), sep=".")}
     tmp = point.run_dir / f".{MARKER}.tmp"
     tmp.write_text(json.dumps(marker, indent=2) + "\n")
     os.replace(tmp, point.run_dir / MARKER)  # atomic: a marker is whole or absent
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return tree

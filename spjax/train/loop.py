@@ -22,11 +22,12 @@ import yaml
 from tqdm import tqdm
 
 from spjax import distributed, parallel
-from spjax.checkpoint import Checkpointer, flat_paths, nest_paths, restore_matching
+from spjax.checkpoint import Checkpointer, flat_paths, restore_matching
 from spjax.config import Config, ModelConfig, to_dict
 from spjax.data.pipeline import eval_batches, train_iterator
 from spjax.data.prepare import default_dataset, load_meta
 from spjax.errors import CheckpointError, ConfigError, SpjaxError
+from spjax.nested import nest_paths
 from spjax.train import flops as flops_lib
 from spjax.train.compile_cache import use_compile_cache
 from spjax.train.memory import format_report, memory_report
