@@ -142,20 +142,28 @@ def distill_target(q_BxTxHxK: jax.Array, k_BxTxGxK: jax.Array, block: int,
                    implementation: str = "xla") -> jax.Array:
     """(B, G, R, N) fp32 for the R query block `rows` (default all N): dense causal attention
     probabilities, max-pooled over the group's heads and each b x b tile, rows renormalized.
-    Stop-gradient. `implementation` 'xla' (below, one query block at a time), or 'pallas' /
+    Stop-gradient. `implementation` 'xla' (jnp, one query block at a time), or 'pallas' /
     'interpret': the fused kernel of pallas_kernels/block_sparse_attention/gate_target.py.
     Q K^T runs in the inputs' dtype (bf16 on GPU) with fp32 accumulation, as the attention
     itself does; the softmax statistics are fp32."""
     q = jax.lax.stop_gradient(q_BxTxHxK)
     k = jax.lax.stop_gradient(k_BxTxGxK)
-    b, t, h, d = q.shape
-    g, n = k.shape[2], t // block
-    rows = np.arange(n) if rows is None else np.asarray(rows)
+    d = q.shape[-1]
+    rows = np.arange(q.shape[1] // block) if rows is None else np.asarray(rows)
     scale = d ** -0.5 if scale is None else scale
     if implementation != "xla":
         pooled = gate_target.max_pooled_attention(q, k, block, rows, scale=scale,
                                                   interpret=implementation == "interpret")
-        return pooled / pooled.sum(axis=-1, keepdims=True)
+    else:
+        pooled = _max_pooled_attention(q, k, block, rows, scale)
+    return pooled / pooled.sum(axis=-1, keepdims=True)
+
+
+def _max_pooled_attention(q: jax.Array, k: jax.Array, block: int, rows: np.ndarray,
+                          scale: float) -> jax.Array:
+    """(B, G, R, N), un-normalized, in jnp: one query block row at a time (`lax.map`)."""
+    b, t, h, d = q.shape
+    g, n = k.shape[2], t // block
     q_blocks = jnp.moveaxis(q.reshape(b, n, block, g, h // g, d), 1, 0)[rows]
     keys = jnp.arange(t)
 
@@ -170,8 +178,7 @@ def distill_target(q_BxTxHxK: jax.Array, k_BxTxGxK: jax.Array, block: int,
         tile_max = s.reshape(b, g, h // g, block, n, block).max(axis=-1)
         return jnp.exp(tile_max - lse[..., None]).max(axis=(2, 3))  # (B, G, N)
 
-    pooled = jnp.moveaxis(jax.lax.map(row, (jnp.asarray(rows), q_blocks)), 0, 2)
-    return pooled / pooled.sum(axis=-1, keepdims=True)
+    return jnp.moveaxis(jax.lax.map(row, (jnp.asarray(rows), q_blocks)), 0, 2)
 
 
 def target_implementation(kernel: str) -> str:
