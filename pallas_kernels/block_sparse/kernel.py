@@ -143,16 +143,15 @@ def weight_grad(x_TxK, dy_TxN, block_mask, *, block, block_t, interpret, out_dty
     kernel = functools.partial(_weight_grad_kernel, block=block, block_t=block_t,
                                chunks=chunks, splits=splits)
     if splits == 1:  # one program per tile, written in out_dtype directly
-        return pl.pallas_call(
-            kernel, out_shape=jax.ShapeDtypeStruct((k, n), out_dtype),
-            grid=(k // block, n // block), in_specs=[_whole()] * 3,
-            out_specs=pl.BlockSpec((block, block), lambda i, j: (i, j)),
-            interpret=interpret, compiler_params=_params(num_warps, num_stages),
-            name="block_sparse_weight_grad")(block_mask, x_TxK, dy_TxN)
-    partials = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((splits, k, n), jnp.float32),
-        grid=(k // block, n // block, splits), in_specs=[_whole()] * 3,
-        out_specs=pl.BlockSpec((None, block, block), lambda i, j, s: (s, i, j)),
+        grid, shape, dtype = (k // block, n // block), (k, n), out_dtype
+        spec = pl.BlockSpec((block, block), lambda i, j: (i, j))
+    else:  # fp32 partial tiles, one per token range, summed below
+        grid, shape, dtype = (k // block, n // block, splits), (splits, k, n), jnp.float32
+        spec = pl.BlockSpec((None, block, block), lambda i, j, s: (s, i, j))
+    dw = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct(shape, dtype), grid=grid,
+        in_specs=[_whole()] * 3, out_specs=spec,
         interpret=interpret, compiler_params=_params(num_warps, num_stages),
-        name="block_sparse_weight_grad_split")(block_mask, x_TxK, dy_TxN)
-    return partials.sum(axis=0).astype(out_dtype)
+        name="block_sparse_weight_grad" + ("" if splits == 1 else "_split"),
+    )(block_mask, x_TxK, dy_TxN)
+    return dw if splits == 1 else dw.sum(axis=0).astype(out_dtype)
