@@ -71,7 +71,7 @@ class AttentionGateConfig:
     # learned layer and step, which at 8k tokens costs more than the sparse attention saves
     target_row_stride: int = 1
     # the target's implementation: xla (jnp), pallas (one fused kernel per target row, GPU),
-    # interpret (that kernel on CPU); auto = xla until the kernel is measured on a GPU
+    # interpret (that kernel on CPU); auto = pallas on GPU, xla elsewhere
     target_kernel: Literal["auto", "xla", "pallas", "interpret"] = "auto"
 
     def validate(self) -> None:

@@ -90,6 +90,9 @@ def per_pass(implementation: str) -> tuple[str, str]:
     return (parts * 2 if len(parts) == 1 else parts)  # type: ignore[return-value]
 
 
+# Forward and backward are jitted so that layers with equal shapes share one lowering of the
+# kernels (one func.call each), instead of lowering them again at every layer's call site.
+@functools.partial(jax.jit, static_argnames=("s",))
 def _forward(q, k, v, layout, s):
     impl = s.implementations[0]
     if impl.startswith("mosaic"):
@@ -107,6 +110,13 @@ def _attention_fwd(q, k, v, layout, settings):
 
 def _attention_bwd(s, residuals, do):
     q, k, v, o, lse, layout = residuals
+    dq, dk, dv = _backward(q, k, v, o, lse, do, layout, s)
+    no_grad = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), layout)
+    return dq, dk, dv, no_grad
+
+
+@functools.partial(jax.jit, static_argnames=("s",))
+def _backward(q, k, v, o, lse, do, layout, s):
     impl = s.implementations[1]
     if impl.startswith("mosaic"):
         dq, dk, dv = kernel_mgpu_bwd.backward(q, k, v, o, lse, do.astype(q.dtype), layout,
@@ -118,8 +128,7 @@ def _attention_bwd(s, residuals, do):
                                      block=s.block, scale=s.scale,
                                      interpret=impl == "interpret", num_warps=s.num_warps,
                                      num_stages=s.num_stages)
-    no_grad = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), layout)
-    return dq, dk, dv, no_grad
+    return dq, dk, dv
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

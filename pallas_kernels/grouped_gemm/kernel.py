@@ -7,6 +7,7 @@ transposed kernel (weight gradient) also needs M and N multiples of its tiles.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 
@@ -43,6 +44,7 @@ def supported(d_in: int, d_out: int) -> bool:
     return d_in % 128 == 0 and d_out % 128 == 0
 
 
+@functools.partial(jax.jit, static_argnames=("tiles",))
 def forward(lhs_MxK, rhs_GxKxN, sizes_G, tiles: Tiles = Tiles()) -> jax.Array:
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
@@ -51,6 +53,7 @@ def forward(lhs_MxK, rhs_GxKxN, sizes_G, tiles: Tiles = Tiles()) -> jax.Array:
                                       **dataclasses.asdict(tiles))
 
 
+@functools.partial(jax.jit, static_argnames=("tiles",))
 def input_grad(dout_MxN, rhs_GxKxN, sizes_G, tiles: Tiles = Tiles()) -> jax.Array:
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
@@ -59,6 +62,7 @@ def input_grad(dout_MxN, rhs_GxKxN, sizes_G, tiles: Tiles = Tiles()) -> jax.Arra
                                       transpose_rhs=True, **dataclasses.asdict(tiles))
 
 
+@functools.partial(jax.jit, static_argnames=("tiles",))
 def weight_grad(lhs_MxK, dout_MxN, sizes_G, tiles: Tiles = Tiles()) -> jax.Array:
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
