@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.block_sparse import block_sparse_matmul, build_layout
-from pallas_kernels.block_sparse import reference
+from pallas_kernels.block_sparse import kernel_mgpu, reference
 from pallas_kernels.block_sparse.api import BlockSparseError
 
 CASES = [  # (T, K, N, block, density, special)
@@ -187,6 +187,37 @@ def test_mosaic_gpu_kernels_in_interpret_mode_match_the_reference(case):
     assert np.all(np.asarray(dw)[pruned] == 0.0)
 
 
+WS_CASES = [  # (T, K, N, block, density, special, SMs): T a multiple of the 256-row tile after padding
+    (256, 256, 384, 64, 0.5, "empty_rows_and_cols", 132),
+    (300, 256, 256, 128, 0.5, None, 1),  # one program walks every tile; T padded to 512
+    (256, 256, 128, 64, 0.0, None, 2),  # everything pruned: zero accumulators stored
+]
+
+
+@pytest.mark.parametrize("case", WS_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-b{c[3]}-d{c[4]}"
+                                                         f"-sms{c[6]}")
+def test_warp_specialized_mosaic_kernels_in_interpret_mode_match_the_reference(case,
+                                                                               monkeypatch):
+    """mosaic_ws: two compute warpgroups and a TMA warpgroup per output tile, forward and
+    input grad; with few SMs each program loops over many tiles, so the shared-memory ring
+    and the epilogue buffer are reused across tiles of different step counts."""
+    t, k, n, block, density, special, sms = case
+    monkeypatch.setattr(kernel_mgpu, "DEFAULT_SMS", sms)
+    x, w, mask, dy = _inputs(t, k, n, block, density, special, jnp.bfloat16, seed=t + k + sms)
+    layout = build_layout(mask)
+    y, vjp = jax.vjp(lambda x, w: block_sparse_matmul(
+        x, w, layout, block=block, implementation="mosaic_ws_interpret,mosaic_ws_interpret,xla"),
+        x, w)
+    dx, _ = vjp(dy)
+    y_ref, dx_ref, _ = _reference_grads(x, w, mask, dy, block)
+    for ours, ref in ((y, y_ref), (dx, dx_ref)):
+        assert ours.shape == ref.shape
+        if np.any(np.asarray(ref) != 0):
+            assert _relative_error(ours, ref) < 5e-3  # one bf16 rounding per element
+        else:
+            np.testing.assert_array_equal(np.asarray(ours, np.float32), 0.0)
+
+
 @pytest.mark.parametrize("implementation", ["mosaic_interpret,interpret,xla",
                                             "xla,mosaic_interpret,interpret"])
 def test_one_implementation_per_product_matches_the_reference(implementation):
@@ -222,7 +253,8 @@ def test_mosaic_rejects_what_wgmma_cannot_take():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("implementation", ["pallas", "mosaic", "mosaic,pallas,pallas"])
+@pytest.mark.parametrize("implementation", ["pallas", "mosaic", "mosaic,pallas,pallas",
+                                            "mosaic_ws,mosaic_ws,pallas"])
 @pytest.mark.parametrize("block", [64, 128])
 @pytest.mark.parametrize("density", [0.1, 0.25, 0.5, 1.0])
 def test_gpu_kernels_match_the_reference(implementation, block, density):

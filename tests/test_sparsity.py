@@ -430,3 +430,7 @@ def test_mosaic_fwd_runs_the_forward_on_mosaic_and_the_gradients_on_triton():
                                 "sparsity.block=64", "sparsity.kernel=mosaic_fwd"])
     spec = layer_assignment(config.sparsity)("layers/0/mlp/up")
     assert (spec.structure, spec.kernel) == ("blocksparse", "mosaic,pallas,pallas")
+    config = load_config(None, [*MODEL, "sparsity.method=static", "sparsity.pattern=block",
+                                "sparsity.block=64", "sparsity.kernel=mosaic_ws"])
+    spec = layer_assignment(config.sparsity)("layers/0/mlp/up")
+    assert (spec.structure, spec.kernel) == ("blocksparse", "mosaic_ws,mosaic_ws,pallas")

@@ -29,7 +29,10 @@ from pallas_kernels.block_sparse import kernel, kernel_mgpu, reference
 from pallas_kernels.block_sparse.layout import BlockLayout
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-IMPLEMENTATIONS = ("xla", "pallas", "interpret", "mosaic", "mosaic_interpret")
+IMPLEMENTATIONS = ("xla", "pallas", "interpret", "mosaic", "mosaic_interpret", "mosaic_ws",
+                   "mosaic_ws_interpret")
+# mosaic_ws: the warp-specialized Mosaic GPU kernels (forward and input grad; the weight
+# gradient has no such variant and runs the plain Mosaic one)
 MOSAIC_DTYPES = (jnp.bfloat16, jnp.float16)  # wgmma's 16-bit operand types
 MOSAIC_BLOCKS = (64, 128)
 
@@ -101,7 +104,8 @@ def block_sparse_matmul(x: jax.Array, w: jax.Array, layout: BlockLayout, *, bloc
     implementations = per_product(implementation)
     _check(x, w, layout, block, implementations, tilings)
     # rows are padded to a multiple of every row tile in use (all powers of two)
-    row_tile = max(max(mosaic.block_m, mosaic.block_k) if impl.startswith("mosaic") else t.rows
+    row_tile = max(_mosaic_tiling(impl, mosaic).rows_per_tile if impl.startswith("mosaic")
+                   else t.rows
                    for impl, t in zip(implementations, (tilings.forward, tilings.input_grad,
                                                         tilings.weight_grad)))
     lead = x.shape[:-1]
@@ -118,6 +122,10 @@ def block_sparse_matmul(x: jax.Array, w: jax.Array, layout: BlockLayout, *, bloc
 # Each product is its own jit: a model's layers call it with equal shapes, and JAX lowers one
 # jitted function once per module (a func.call per layer), where a bare kernel call is lowered
 # (Mosaic GPU / Triton, in Python) again at every call site, 24 layers x 3 products.
+def _mosaic_tiling(impl: str, tiling: kernel_mgpu.MosaicTiling) -> kernel_mgpu.MosaicTiling:
+    return dataclasses.replace(tiling, warp_specialized=impl.startswith("mosaic_ws"))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _matmul(x, w, layout, settings):
     return _forward(x, w, layout, settings)
@@ -130,8 +138,8 @@ def _forward(x, w, layout, s):
         return reference.matmul(x, w, layout.block_mask, s.block)
     if impl.startswith("mosaic"):
         return kernel_mgpu.forward(x, w.astype(x.dtype), layout.col_table, layout.col_count,
-                                   block=s.block, tiling=s.mosaic,
-                                   interpret=impl == "mosaic_interpret")
+                                   block=s.block, tiling=_mosaic_tiling(impl, s.mosaic),
+                                   interpret=impl.endswith("_interpret"))
     t = s.tilings.forward
     return kernel.forward(x, w.astype(x.dtype), layout.col_table, layout.col_count,
                           block=s.block, block_t=t.rows, interpret=impl == "interpret",
@@ -149,7 +157,8 @@ def _input_grad(dy, w, layout, s):
         return reference.input_grad(dy, w, layout.block_mask, s.block)
     if impl.startswith("mosaic"):
         return kernel_mgpu.input_grad(dy, w, layout.row_table, layout.row_count, block=s.block,
-                                      tiling=s.mosaic, interpret=impl == "mosaic_interpret")
+                                      tiling=_mosaic_tiling(impl, s.mosaic),
+                                      interpret=impl.endswith("_interpret"))
     t = s.tilings.input_grad
     return kernel.input_grad(dy, w, layout.row_table, layout.row_count, block=s.block,
                              block_t=t.rows, interpret=impl == "interpret",
@@ -164,7 +173,7 @@ def _weight_grad(x, dy, layout, out_dtype, s):
     if impl.startswith("mosaic"):
         return kernel_mgpu.weight_grad(x, dy, layout.block_mask, block=s.block,
                                        out_dtype=out_dtype, tiling=s.mosaic,
-                                       interpret=impl == "mosaic_interpret")
+                                       interpret=impl.endswith("_interpret"))
     t = s.tilings.weight_grad
     return kernel.weight_grad(x, dy, layout.block_mask, block=s.block, block_t=t.rows,
                               interpret=impl == "interpret", out_dtype=out_dtype,

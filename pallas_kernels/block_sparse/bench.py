@@ -33,7 +33,10 @@ RUNS_AS = {"pallas": "pallas" if ON_GPU else "interpret",
            "mosaic": "mosaic" if ON_GPU else "mosaic_interpret",
            # forward on Mosaic GPU, both gradients on Triton (spjax's sparsity.kernel=mosaic_fwd)
            "mosaic_fwd": "mosaic,pallas,pallas" if ON_GPU else
-                         "mosaic_interpret,interpret,interpret"}
+                         "mosaic_interpret,interpret,interpret",
+           # warp-specialized Mosaic forward and input grad, Triton (split-K) weight grad
+           "mosaic_ws": "mosaic_ws,mosaic_ws,pallas" if ON_GPU else
+                        "mosaic_ws_interpret,mosaic_ws_interpret,interpret"}
 
 
 def random_mask(key, shape, density: float) -> jax.Array:
@@ -175,7 +178,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--implementations", default="pallas,mosaic",
                         help="of pallas (Triton lowering), mosaic (Mosaic GPU), mosaic_fwd "
-                             "(Mosaic forward, Triton gradients)")
+                             "(Mosaic forward, Triton gradients), mosaic_ws (warp-specialized Mosaic forward "
+                             "and input grad, Triton weight grad)")
     parser.add_argument("--sweep", action="store_true",
                         help="instead: tune each kernel's tiling at the first shape, 75%% sparse")
     parser.add_argument("--json", default="")

@@ -103,9 +103,10 @@ class SparsityConfig:
     # skip pruned tiles) and their plain-jnp reference elsewhere; 'none' simulates the mask
     # in dense matmuls (MaskedLinear); 'xla' / 'pallas' (Triton lowering) / 'interpret' /
     # 'mosaic' (Mosaic GPU, Hopper, bf16, blocks 64/128) / 'mosaic_interpret' force one;
-    # 'mosaic_fwd' runs the forward on Mosaic GPU and both gradients on the Triton kernels
+    # 'mosaic_fwd' runs the forward on Mosaic GPU and both gradients on the Triton kernels;
+    # 'mosaic_ws' the warp-specialized Mosaic forward and input grad, Triton weight grad
     kernel: Literal["auto", "none", "xla", "pallas", "interpret", "mosaic",
-                    "mosaic_interpret", "mosaic_fwd"] = "auto"
+                    "mosaic_interpret", "mosaic_fwd", "mosaic_ws"] = "auto"
     distribution: Literal["uniform", "erk"] = "uniform"
     # layer name -> 'sparse' (density from the distribution), 'dense', or an explicit density
     rules: RuleList = DEFAULT_LAYER_RULES

@@ -37,7 +37,8 @@ def layer_rules(config: SparsityConfig) -> Rules:
 
 
 # Config names for per-product implementations (forward, input grad, weight grad)
-KERNEL_COMBINATIONS = {"mosaic_fwd": "mosaic,pallas,pallas"}
+KERNEL_COMBINATIONS = {"mosaic_fwd": "mosaic,pallas,pallas",
+                       "mosaic_ws": "mosaic_ws,mosaic_ws,pallas"}
 
 
 def layer_assignment(config: SparsityConfig) -> Callable[[str], LinearSpec]:
