@@ -268,3 +268,14 @@ def test_gpu_kernels_match_the_reference(implementation, block, density):
     for ours, ref in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):
         assert not np.any(np.isnan(np.asarray(ours, np.float32)))
         assert _relative_error(ours, ref) < 1e-2
+
+
+def test_the_benchmarks_forward_and_backward_keeps_the_forward():
+    """A linear layer's backward reads only X and W: unless Y is returned too, XLA drops the
+    forward and 'forward + backward' times the backward alone. Three dots must survive."""
+    from pallas_kernels.block_sparse.bench import forward_and_backward
+
+    x, w, dy = jnp.ones((32, 16)), jnp.ones((16, 8)), jnp.ones((32, 8))
+    hlo = jax.jit(lambda x, w, dy: forward_and_backward(jnp.dot, x, w, dy)).lower(
+        x, w, dy).compile().as_text()
+    assert hlo.count(" dot(") == 3

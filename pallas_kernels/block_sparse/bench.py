@@ -39,6 +39,14 @@ RUNS_AS = {"pallas": "pallas" if ON_GPU else "interpret",
                         "mosaic_ws_interpret,mosaic_ws_interpret,interpret"}
 
 
+def forward_and_backward(mm, x, w, dy):
+    """Y, dX and dW. Y must be returned: a linear layer's backward reads only X and W, so
+    without it XLA drops the forward as dead code and 'forward + backward' times only the
+    backward (the case before 2026-11-30, session 5)."""
+    y, vjp = jax.vjp(mm, x, w)
+    return y, *vjp(dy)
+
+
 def random_mask(key, shape, density: float) -> jax.Array:
     """Exactly round(density * tiles) kept tiles, chosen at random."""
     n = shape[0] * shape[1]
@@ -57,7 +65,7 @@ def bench_shape(t: int, k: int, n: int, blocks: list[int], sparsities: list[floa
     flops = 2 * t * k * n
 
     dense_fwd = jax.jit(lambda x, w: jnp.dot(x, w))
-    dense_fb = jax.jit(lambda x, w, dy: jax.vjp(lambda a, b: jnp.dot(a, b), x, w)[1](dy))
+    dense_fb = jax.jit(lambda x, w, dy: forward_and_backward(jnp.dot, x, w, dy))
     xla_fwd = median_seconds(lambda: dense_fwd(x, w), reps)
     xla_fb = median_seconds(lambda: dense_fb(x, w, dy), reps)
     rows = []
@@ -68,7 +76,7 @@ def bench_shape(t: int, k: int, n: int, blocks: list[int], sparsities: list[floa
                                            implementation=RUNS_AS[implementation])
 
             fwd = jax.jit(mm)
-            fb = jax.jit(lambda a, b, g: jax.vjp(mm, a, b)[1](g))
+            fb = jax.jit(lambda a, b, g: forward_and_backward(mm, a, b, g))
             return fwd, fb
 
         full = build_layout(jnp.ones((k // block, n // block), bool))
@@ -156,7 +164,7 @@ def sweep_mosaic(t: int, k: int, n: int, block: int, sparsity: float,
             return block_sparse_matmul(a, b, layout, block=block, mosaic=tiling,
                                        implementation=RUNS_AS["mosaic"])
 
-        fb = jax.jit(lambda a, b, g, mm=mm: jax.vjp(mm, a, b)[1](g))
+        fb = jax.jit(lambda a, b, g, mm=mm: forward_and_backward(mm, a, b, g))
         try:
             seconds = median_seconds(lambda: fb(x, w, dy), reps)
         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: skip it
