@@ -194,20 +194,24 @@ WS_CASES = [  # (T, K, N, block, density, special, SMs): T a multiple of the 256
 ]
 
 
+@pytest.mark.parametrize("variant", ["mosaic_ws", "mosaic_stream"])
 @pytest.mark.parametrize("case", WS_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-b{c[3]}-d{c[4]}"
                                                          f"-sms{c[6]}")
-def test_warp_specialized_mosaic_kernels_in_interpret_mode_match_the_reference(case,
-                                                                               monkeypatch):
-    """mosaic_ws: two compute warpgroups and a TMA warpgroup per output tile, forward and
+def test_warp_specialized_mosaic_kernels_in_interpret_mode_match_the_reference(
+        case, variant, monkeypatch, capsys):
+    """mosaic_ws / mosaic_stream: two compute warpgroups and a TMA warpgroup, forward and
     input grad; with few SMs each program loops over many tiles, so the shared-memory ring
-    and the epilogue buffer are reused across tiles of different step counts."""
+    and the epilogue buffer are reused across tiles of different step counts. The
+    interpreter's race detector must find no unordered shared-memory access."""
     t, k, n, block, density, special, sms = case
     monkeypatch.setattr(kernel_mgpu, "DEFAULT_SMS", sms)
+    monkeypatch.setattr(kernel_mgpu, "INTERPRET_PARAMS",
+                        kernel_mgpu.plgpu.InterpretGPUParams(detect_races=True))
     x, w, mask, dy = _inputs(t, k, n, block, density, special, jnp.bfloat16, seed=t + k + sms)
     layout = build_layout(mask)
-    y, vjp = jax.vjp(lambda x, w: block_sparse_matmul(
-        x, w, layout, block=block, implementation="mosaic_ws_interpret,mosaic_ws_interpret,xla"),
-        x, w)
+    impl = f"{variant}_interpret,{variant}_interpret,xla"
+    y, vjp = jax.vjp(lambda x, w: block_sparse_matmul(x, w, layout, block=block,
+                                                      implementation=impl), x, w)
     dx, _ = vjp(dy)
     y_ref, dx_ref, _ = _reference_grads(x, w, mask, dy, block)
     for ours, ref in ((y, y_ref), (dx, dx_ref)):
@@ -216,6 +220,7 @@ def test_warp_specialized_mosaic_kernels_in_interpret_mode_match_the_reference(c
             assert _relative_error(ours, ref) < 5e-3  # one bf16 rounding per element
         else:
             np.testing.assert_array_equal(np.asarray(ours, np.float32), 0.0)
+    assert "RACE DETECTED" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("implementation", ["mosaic_interpret,interpret,xla",
@@ -254,7 +259,8 @@ def test_mosaic_rejects_what_wgmma_cannot_take():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("implementation", ["pallas", "mosaic", "mosaic,pallas,pallas",
-                                            "mosaic_ws,mosaic_ws,pallas"])
+                                            "mosaic_ws,mosaic_ws,pallas",
+                                            "mosaic_stream,mosaic_stream,pallas"])
 @pytest.mark.parametrize("block", [64, 128])
 @pytest.mark.parametrize("density", [0.1, 0.25, 0.5, 1.0])
 def test_gpu_kernels_match_the_reference(implementation, block, density):

@@ -30,9 +30,10 @@ from pallas_kernels.block_sparse.layout import BlockLayout
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 IMPLEMENTATIONS = ("xla", "pallas", "interpret", "mosaic", "mosaic_interpret", "mosaic_ws",
-                   "mosaic_ws_interpret")
-# mosaic_ws: the warp-specialized Mosaic GPU kernels (forward and input grad; the weight
-# gradient has no such variant and runs the plain Mosaic one)
+                   "mosaic_ws_interpret", "mosaic_stream", "mosaic_stream_interpret")
+# mosaic_ws: the warp-specialized Mosaic GPU kernels, one TMA pipeline per output tile;
+# mosaic_stream: the same with one ring running through all of a program's tiles. Both are
+# forward and input grad only: as weight gradient they run the plain Mosaic kernel.
 MOSAIC_DTYPES = (jnp.bfloat16, jnp.float16)  # wgmma's 16-bit operand types
 MOSAIC_BLOCKS = (64, 128)
 
@@ -123,7 +124,9 @@ def block_sparse_matmul(x: jax.Array, w: jax.Array, layout: BlockLayout, *, bloc
 # jitted function once per module (a func.call per layer), where a bare kernel call is lowered
 # (Mosaic GPU / Triton, in Python) again at every call site, 24 layers x 3 products.
 def _mosaic_tiling(impl: str, tiling: kernel_mgpu.MosaicTiling) -> kernel_mgpu.MosaicTiling:
-    return dataclasses.replace(tiling, warp_specialized=impl.startswith("mosaic_ws"))
+    stream = impl.startswith("mosaic_stream")
+    return dataclasses.replace(tiling, warp_specialized=stream or impl.startswith("mosaic_ws"),
+                               stream=stream)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

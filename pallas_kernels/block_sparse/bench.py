@@ -36,7 +36,10 @@ RUNS_AS = {"pallas": "pallas" if ON_GPU else "interpret",
                          "mosaic_interpret,interpret,interpret",
            # warp-specialized Mosaic forward and input grad, Triton (split-K) weight grad
            "mosaic_ws": "mosaic_ws,mosaic_ws,pallas" if ON_GPU else
-                        "mosaic_ws_interpret,mosaic_ws_interpret,interpret"}
+                        "mosaic_ws_interpret,mosaic_ws_interpret,interpret",
+           # the same with one ring of stages through all of a program's tiles
+           "mosaic_stream": "mosaic_stream,mosaic_stream,pallas" if ON_GPU else
+                            "mosaic_stream_interpret,mosaic_stream_interpret,interpret"}
 
 
 def forward_and_backward(mm, x, w, dy):
@@ -186,8 +189,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--implementations", default="pallas,mosaic",
                         help="of pallas (Triton lowering), mosaic (Mosaic GPU), mosaic_fwd "
-                             "(Mosaic forward, Triton gradients), mosaic_ws (warp-specialized Mosaic forward "
-                             "and input grad, Triton weight grad)")
+                             "(Mosaic forward, Triton gradients), mosaic_ws (warp-specialized "
+                             "Mosaic forward and input grad, Triton weight grad), mosaic_stream "
+                             "(mosaic_ws with one ring through all tiles)")
     parser.add_argument("--sweep", action="store_true",
                         help="instead: tune each kernel's tiling at the first shape, 75%% sparse")
     parser.add_argument("--json", default="")

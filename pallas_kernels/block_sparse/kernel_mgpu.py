@@ -14,6 +14,9 @@ accumulate in fp32 wgmma registers and leave through shared memory with a TMA st
   weight grad   out tile dW[k, j] (b x b), only where block_mask[k, j]: steps over T in
                 bk-row chunks, X[t, k]^T @ dY[t, j]; pruned tiles are stored as zeros
 
+Warp-specialized variants of the forward and input grad (a TMA warpgroup feeding two
+wgmma warpgroups) are in kernel_mgpu_ws.py, chosen by `MosaicTiling.warp_specialized`.
+
 Shared-memory layouts use the 128-byte swizzle that wgmma wants (operand chunks of 64
 bf16 along the contracted dimension). These kernels run on CPU too, under Mosaic GPU's
 interpret mode (`interpret=True` here), which is how the tests check them.
@@ -42,6 +45,10 @@ class MosaicTiling:
     # output tile) fed by a TMA warpgroup, as in JAX's Hopper matmul; at most 3 stages fit
     # in shared memory beside the epilogue buffers
     warp_specialized: bool = False
+    # with warp_specialized: one ring of stages runs through all of a program's output tiles,
+    # so the next tile's loads are in flight during this one's epilogue (the per-tile
+    # pipeline drains between tiles)
+    stream: bool = False
 
     @property
     def rows_per_tile(self) -> int:
@@ -61,11 +68,16 @@ def _num_sms(tiles: int) -> int:
     return max(1, min(sms, tiles))
 
 
+# Interpret mode's settings; tests switch on its race detector (`detect_races=True`), which
+# reports shared-memory accesses that no barrier orders.
+INTERPRET_PARAMS = plgpu.InterpretGPUParams()
+
+
 def _launch(body, out_shape, tiles: int, interpret: bool, **threads):
     params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
     return plgpu.kernel(body, out_type=out_shape, grid=(_num_sms(tiles),), grid_names=("sm",),
                         compiler_params=params,
-                        interpret=plgpu.InterpretGPUParams() if interpret else None, **threads)
+                        interpret=INTERPRET_PARAMS if interpret else None, **threads)
 
 
 def _store(acc, out_gmem, rows: pl.Slice, cols: pl.Slice, transforms) -> None:
@@ -85,10 +97,12 @@ def _sparse_rows_matmul(lhs_TxC, w_KxN, table, count, *, block: int, out_cols: i
     Output tile (mi, oi) sums, over the tiles listed in table[oi, :count[oi]], products of
     lhs[mi rows, listed tile's columns] with the matching weight tile (transposed for the
     input gradient, where the output runs over W's rows)."""
-    if tiling.warp_specialized:
-        return _sparse_rows_matmul_ws(lhs_TxC, w_KxN, table, count, block=block,
-                                      out_cols=out_cols, transpose_w=transpose_w,
-                                      tiling=tiling, interpret=interpret)
+    if tiling.warp_specialized:  # kernel_mgpu_ws.py builds on this module's helpers
+        from pallas_kernels.block_sparse import kernel_mgpu_ws
+
+        variant = kernel_mgpu_ws.stream if tiling.stream else kernel_mgpu_ws.per_tile
+        return variant(lhs_TxC, w_KxN, table, count, block=block, out_cols=out_cols,
+                       transpose_w=transpose_w, tiling=tiling, interpret=interpret)
     t = lhs_TxC.shape[0]
     bm, bk, b = tiling.block_m, tiling.block_k, block
     chunks = b // bk  # wgmma steps per b x b weight tile
@@ -133,82 +147,6 @@ def _sparse_rows_matmul(lhs_TxC, w_KxN, table, count, *, block: int, out_cols: i
 
     out = jax.ShapeDtypeStruct((t, out_cols), lhs_TxC.dtype)
     return _launch(body, out, grid_m * grid_o, interpret)(table, count, lhs_TxC, w_KxN)
-
-
-def _sparse_rows_matmul_ws(lhs_TxC, w_KxN, table, count, *, block: int, out_cols: int,
-                           transpose_w: bool, tiling: MosaicTiling, interpret: bool):
-    """_sparse_rows_matmul, warp-specialized. Per output tile (2 bm rows x b columns): a
-    memory warpgroup streams the listed operand tiles into a ring of shared-memory stages
-    (TMA), and two compute warpgroups each multiply their bm rows of every stage by the
-    stage's weight chunk, so one warpgroup's wgmma runs while the other waits for data."""
-    t = lhs_TxC.shape[0]
-    bm, bk, b = tiling.block_m, tiling.block_k, block
-    cta_m = 2 * bm
-    chunks = b // bk
-    grid_m, grid_o = t // cta_m, out_cols // b
-    transforms = _transforms(lhs_TxC.dtype)
-    stages = min(tiling.max_concurrent_steps, 3)
-    out_dtype = lhs_TxC.dtype
-
-    def body(table_gmem, count_gmem, lhs_gmem, w_gmem, out_gmem):
-        wg = jax.lax.axis_index("wg")
-
-        def pipeline(oi, mma, context):
-            def chunk(step):  # the step-th contracted chunk: its tile from the table
-                return table_gmem[oi, step // chunks] * chunks + step % chunks
-
-            w_spec = (plgpu.BlockSpec((b, bk), lambda s: (0, chunk(s)), transforms=transforms)
-                      if transpose_w else
-                      plgpu.BlockSpec((bk, b), lambda s: (chunk(s), 0), transforms=transforms))
-            lhs_spec = plgpu.BlockSpec((cta_m, bk), lambda s: (0, chunk(s)),
-                                       transforms=transforms)
-            return plgpu.emit_pipeline_warp_specialized(
-                mma, grid=(count_gmem[oi] * chunks,), memory_registers=40,
-                in_specs=[lhs_spec, w_spec], wg_axis="wg", num_compute_wgs=2,
-                max_concurrent_steps=stages, compute_context=context)
-
-        ignore = lambda *_, **__: None  # noqa: E731 (allocations depend on shapes only)
-
-        @functools.partial(pl.run_scoped,
-                           ring=pipeline(0, ignore, ignore).get_allocations(lhs_gmem, w_gmem),
-                           out_smem=plgpu.SMEM((2, bm, b), out_dtype,
-                                               transforms=_transforms(out_dtype)),
-                           collective_axes="wg")
-        def _(ring, out_smem):
-            @plgpu.nd_loop((grid_m * grid_o,), collective_axes="sm")
-            def _(loop):
-                mi, oi = plgpu.planar_snake(loop.index[0], (grid_m, grid_o), 1,
-                                            tiling.grid_block_n)
-
-                def mma(_, lhs_smem, w_smem, acc_ref):
-                    mine = lhs_smem.at[pl.ds(wg * bm, bm)]
-                    plgpu.wgmma(acc_ref, mine, w_smem.transpose((1, 0)) if transpose_w
-                                else w_smem)
-                    plgpu.wgmma_wait(0)  # the stage is released when this returns
-                    return acc_ref
-
-                def context(run):  # compute warpgroups only: accumulate, then store
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, b)))
-                    def _(acc_ref):
-                        run(acc_ref)  # no listed tiles: the zero accumulator
-                        acc = acc_ref[...].astype(out_dtype)
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last tile's store
-                        out_smem[wg] = acc
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(
-                            out_smem.at[wg],
-                            out_gmem.at[pl.ds(mi * cta_m + wg * bm, bm), pl.ds(oi * b, b)])
-
-                rows = lhs_gmem.at[pl.ds(mi * cta_m, cta_m), :]
-                weights = (w_gmem.at[pl.ds(oi * b, b), :] if transpose_w
-                           else w_gmem.at[:, pl.ds(oi * b, b)])
-                pipeline(oi, mma, context)(rows, weights, allocations=ring)
-
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    out = jax.ShapeDtypeStruct((t, out_cols), out_dtype)
-    return _launch(body, out, grid_m * grid_o, interpret, num_threads=3,
-                   thread_name="wg")(table, count, lhs_TxC, w_KxN)
 
 
 def _with_acc(step, acc_ref, indices, *refs):

@@ -104,9 +104,10 @@ class SparsityConfig:
     # in dense matmuls (MaskedLinear); 'xla' / 'pallas' (Triton lowering) / 'interpret' /
     # 'mosaic' (Mosaic GPU, Hopper, bf16, blocks 64/128) / 'mosaic_interpret' force one;
     # 'mosaic_fwd' runs the forward on Mosaic GPU and both gradients on the Triton kernels;
-    # 'mosaic_ws' the warp-specialized Mosaic forward and input grad, Triton weight grad
+    # 'mosaic_ws' the warp-specialized Mosaic forward and input grad, Triton weight grad;
+    # 'mosaic_stream' the same with one TMA ring through all of a program's tiles
     kernel: Literal["auto", "none", "xla", "pallas", "interpret", "mosaic",
-                    "mosaic_interpret", "mosaic_fwd", "mosaic_ws"] = "auto"
+                    "mosaic_interpret", "mosaic_fwd", "mosaic_ws", "mosaic_stream"] = "auto"
     distribution: Literal["uniform", "erk"] = "uniform"
     # layer name -> 'sparse' (density from the distribution), 'dense', or an explicit density
     rules: RuleList = DEFAULT_LAYER_RULES

@@ -38,7 +38,8 @@ def layer_rules(config: SparsityConfig) -> Rules:
 
 # Config names for per-product implementations (forward, input grad, weight grad)
 KERNEL_COMBINATIONS = {"mosaic_fwd": "mosaic,pallas,pallas",
-                       "mosaic_ws": "mosaic_ws,mosaic_ws,pallas"}
+                       "mosaic_ws": "mosaic_ws,mosaic_ws,pallas",
+                       "mosaic_stream": "mosaic_stream,mosaic_stream,pallas"}
 
 
 def layer_assignment(config: SparsityConfig) -> Callable[[str], LinearSpec]:
