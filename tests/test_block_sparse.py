@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.block_sparse import block_sparse_matmul, build_layout
-from pallas_kernels.block_sparse import kernel_mgpu, reference
+from pallas_kernels.block_sparse import bench, kernel_mgpu, reference
 from pallas_kernels.block_sparse.api import BlockSparseError
 
 CASES = [  # (T, K, N, block, density, special)
@@ -282,6 +282,17 @@ def test_the_benchmarks_forward_and_backward_keeps_the_forward():
     from pallas_kernels.block_sparse.bench import forward_and_backward
 
     x, w, dy = jnp.ones((32, 16)), jnp.ones((16, 8)), jnp.ones((32, 8))
-    hlo = jax.jit(lambda x, w, dy: forward_and_backward(jnp.dot, x, w, dy)).lower(
-        x, w, dy).compile().as_text()
-    assert hlo.count(" dot(") == 3
+    def dots(fn):
+        return jax.jit(lambda x, w, dy: fn(jnp.dot, x, w, dy)).lower(
+            x, w, dy).compile().as_text().count(" dot(")
+
+    assert dots(forward_and_backward) == 3
+    assert dots(bench.input_grad_only) == dots(bench.weight_grad_only) == 1  # one product each
+
+
+def test_the_benchmark_runs_on_cpu_in_interpret_mode(capsys):
+    rows = bench.bench_shape(128, 64, 64, [32], [0.5], reps=1, implementations=["pallas"])
+    assert len(rows) == 1 and rows[0]["sparsity"] == pytest.approx(0.5)
+    for key in ("sparse_fwd_ms", "sparse_fb_ms", "sparse_dx_ms", "sparse_dw_ms", "xla_dx_ms",
+                "xla_dw_ms"):
+        assert rows[0][key] > 0, key

@@ -50,6 +50,15 @@ def forward_and_backward(mm, x, w, dy):
     return y, *vjp(dy)
 
 
+def input_grad_only(mm, x, w, dy):
+    """dX alone: the forward and dW are dead code, so XLA drops them (dense and kernels)."""
+    return jax.vjp(mm, x, w)[1](dy)[0]
+
+
+def weight_grad_only(mm, x, w, dy):
+    return jax.vjp(mm, x, w)[1](dy)[1]
+
+
 def random_mask(key, shape, density: float) -> jax.Array:
     """Exactly round(density * tiles) kept tiles, chosen at random."""
     n = shape[0] * shape[1]
@@ -71,6 +80,7 @@ def bench_shape(t: int, k: int, n: int, blocks: list[int], sparsities: list[floa
     dense_fb = jax.jit(lambda x, w, dy: forward_and_backward(jnp.dot, x, w, dy))
     xla_fwd = median_seconds(lambda: dense_fwd(x, w), reps)
     xla_fb = median_seconds(lambda: dense_fb(x, w, dy), reps)
+    xla_products = products_ms(jnp.dot, x, w, dy, reps)
     rows = []
     for block, implementation in itertools.product(blocks, implementations):
         def sparse_fns(layout):
@@ -92,6 +102,10 @@ def bench_shape(t: int, k: int, n: int, blocks: list[int], sparsities: list[floa
             fwd, fb = sparse_fns(build_layout(mask))
             s_fwd = median_seconds(lambda: fwd(x, w), reps)
             s_fb = median_seconds(lambda: fb(x, w, dy), reps)
+            sparse_products = products_ms(
+                lambda a, b, layout=build_layout(mask): block_sparse_matmul(
+                    a, b, layout, block=block, mosaic=mosaic,
+                    implementation=RUNS_AS[implementation]), x, w, dy, reps)
             row = {
                 "shape": f"{t}x{k}x{n}", "block": block, "implementation": implementation,
                 "sparsity": 1 - density,
@@ -104,10 +118,20 @@ def bench_shape(t: int, k: int, n: int, blocks: list[int], sparsities: list[floa
                 "speedup_fwd": xla_fwd / s_fwd, "speedup_fb": xla_fb / s_fb,
                 "block_eff_fwd": (density * flops / s_fwd) / (flops / pallas_dense_fwd),
                 "block_eff_fb": (density * 3 * flops / s_fb) / (3 * flops / pallas_dense_fb),
+                **{f"xla_{k}": v for k, v in xla_products.items()},
+                **{f"sparse_{k}": v for k, v in sparse_products.items()},
             }
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
+
+
+def products_ms(mm, x, w, dy, reps: int) -> dict[str, float]:
+    """The input gradient and the weight gradient timed alone (ms): which product limits."""
+    dx = jax.jit(lambda a, b, g: input_grad_only(mm, a, b, g))
+    dw = jax.jit(lambda a, b, g: weight_grad_only(mm, a, b, g))
+    return {"dx_ms": 1e3 * median_seconds(lambda: dx(x, w, dy), reps),
+            "dw_ms": 1e3 * median_seconds(lambda: dw(x, w, dy), reps)}
 
 
 def sweep(t: int, k: int, n: int, block: int, sparsity: float, reps: int) -> Tilings:
@@ -219,10 +243,19 @@ def main() -> None:
           "all-tiles kernel TFLOP/s (XLA) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['block']} | {r['implementation']} | {r['sparsity']:.0%} | {r['xla_fwd_ms']:.2f} / "
-              f"{r['xla_fb_ms']:.2f} | {r['sparse_fwd_ms']:.2f} / {r['sparse_fb_ms']:.2f} | "
-              f"{r['speedup_fwd']:.2f}x | {r['speedup_fb']:.2f}x | {r['block_eff_fwd']:.0%} / "
-              f"{r['block_eff_fb']:.0%} | {r['pallas_dense_tflops']:.0f} ({r['xla_tflops']:.0f}) |")
+        print(f"| {r['shape']} | {r['block']} | {r['implementation']} | {r['sparsity']:.0%} | "
+              f"{r['xla_fwd_ms']:.2f} / {r['xla_fb_ms']:.2f} | {r['sparse_fwd_ms']:.2f} / "
+              f"{r['sparse_fb_ms']:.2f} | {r['speedup_fwd']:.2f}x | {r['speedup_fb']:.2f}x | "
+              f"{r['block_eff_fwd']:.0%} / {r['block_eff_fb']:.0%} | "
+              f"{r['pallas_dense_tflops']:.0f} ({r['xla_tflops']:.0f}) |")
+    print("\nEach product alone (ms, sparse / XLA dense, and the speed-up):\n")
+    print("| shape | block | kernels | sparsity | forward | input grad | weight grad |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = [f"{r[f'sparse_{p}_ms']:.2f} / {r[f'xla_{p}_ms']:.2f} "
+                 f"({r[f'xla_{p}_ms'] / r[f'sparse_{p}_ms']:.2f}x)" for p in ("fwd", "dx", "dw")]
+        print(f"| {r['shape']} | {r['block']} | {r['implementation']} | {r['sparsity']:.0%} | "
+              + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
