@@ -39,8 +39,8 @@ def _prepare_data(args: argparse.Namespace) -> int:
     meta = prepare_dataset(args.inputs, args.out, tokenizer=args.tokenizer,
                            val_fraction=args.val_fraction, bpe_vocab_size=args.vocab_size,
                            seed=args.seed, overwrite=args.overwrite)
-    counts = meta.get("num_tokens", {})
-    print(f"spjax: prepared {args.out}: {counts} tokens, vocabulary {meta['vocab_size']}, "
+    counts = ", ".join(f"{split} {info['tokens']:,}" for split, info in meta["splits"].items())
+    print(f"spjax: prepared {args.out}: tokens {counts}; vocabulary {meta['vocab_size']}, "
           f"unigram entropy {meta['unigram_entropy_nats']:.3f} nats")
     return 0
 

@@ -21,7 +21,9 @@ def test_prepare_data_from_a_directory_and_a_jsonl_file(tmp_path, capsys):
     assert code == 0
     meta = json.loads((out / "meta.json").read_text())
     assert meta["vocab_size"] == 257 and meta["splits"]["val"]["tokens"] > 0
-    assert "prepared" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"train {meta['splits']['train']['tokens']:,}" in printed  # the counts, not "{}"
+    assert f"val {meta['splits']['val']['tokens']:,}" in printed
 
 
 @pytest.mark.parametrize("make_input, needle", [
