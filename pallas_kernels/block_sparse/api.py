@@ -32,8 +32,9 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 IMPLEMENTATIONS = ("xla", "pallas", "interpret", "mosaic", "mosaic_interpret", "mosaic_ws",
                    "mosaic_ws_interpret", "mosaic_stream", "mosaic_stream_interpret")
 # mosaic_ws: the warp-specialized Mosaic GPU kernels, one TMA pipeline per output tile;
-# mosaic_stream: the same with one ring running through all of a program's tiles. Both are
-# forward and input grad only: as weight gradient they run the plain Mosaic kernel.
+# mosaic_stream: the same with one ring running through all of a program's tiles. mosaic_ws
+# has no weight-gradient variant (it runs the plain Mosaic one there); mosaic_stream has one
+# at block 128 (kernel_mgpu_ws.weight_grad_stream).
 MOSAIC_DTYPES = (jnp.bfloat16, jnp.float16)  # wgmma's 16-bit operand types
 MOSAIC_BLOCKS = (64, 128)
 
@@ -175,7 +176,7 @@ def _weight_grad(x, dy, layout, out_dtype, s):
         return reference.weight_grad(x, dy, layout.block_mask, s.block)
     if impl.startswith("mosaic"):
         return kernel_mgpu.weight_grad(x, dy, layout.block_mask, block=s.block,
-                                       out_dtype=out_dtype, tiling=s.mosaic,
+                                       out_dtype=out_dtype, tiling=_mosaic_tiling(impl, s.mosaic),
                                        interpret=impl.endswith("_interpret"))
     t = s.tilings.weight_grad
     return kernel.weight_grad(x, dy, layout.block_mask, block=s.block, block_t=t.rows,

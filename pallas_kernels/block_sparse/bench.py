@@ -39,7 +39,9 @@ RUNS_AS = {"pallas": "pallas" if ON_GPU else "interpret",
                         "mosaic_ws_interpret,mosaic_ws_interpret,interpret",
            # the same with one ring of stages through all of a program's tiles
            "mosaic_stream": "mosaic_stream,mosaic_stream,pallas" if ON_GPU else
-                            "mosaic_stream_interpret,mosaic_stream_interpret,interpret"}
+                            "mosaic_stream_interpret,mosaic_stream_interpret,interpret",
+           # and its weight gradient too (block 128)
+           "mosaic_stream_all": "mosaic_stream" if ON_GPU else "mosaic_stream_interpret"}
 
 
 def forward_and_backward(mm, x, w, dy):

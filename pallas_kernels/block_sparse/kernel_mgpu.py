@@ -170,6 +170,12 @@ def input_grad(dy_TxN, w_KxN, row_table, row_count, *, block: int,
 def weight_grad(x_TxK, dy_TxN, block_mask, *, block: int, out_dtype,
                 tiling: MosaicTiling = MosaicTiling(), interpret: bool = False) -> jax.Array:
     """dW (K x N): X^T dY on kept tiles, zeros on pruned ones (every tile is written)."""
+    if tiling.warp_specialized and tiling.stream and block == 128:
+        from pallas_kernels.block_sparse import kernel_mgpu_ws
+
+        return kernel_mgpu_ws.weight_grad_stream(x_TxK, dy_TxN, block_mask, block=block,
+                                                 out_dtype=out_dtype, tiling=tiling,
+                                                 interpret=interpret)
     t, k = x_TxK.shape
     n = dy_TxN.shape[1]
     b, bt = block, tiling.block_k  # bt rows of T per step

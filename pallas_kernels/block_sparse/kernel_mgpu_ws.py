@@ -14,6 +14,12 @@ matmul example (jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py).
             end of every tile before the next tile's first copies are issued
   stream    one ring through all of the program's tiles, with hand-written producer and
             consumer loops, so the next tile's loads overlap this tile's epilogue
+  weight_grad_stream
+            the weight gradient the same way: per kept b x b tile of dW, chunks of X and dY
+            over all T rows; each compute warpgroup owns half of the tile's rows
+
+Interpret-mode tests run these with the interpreter's race detector on. None of the stream
+kernels has run on a GPU yet (2026-11-30): measure before choosing them.
 
 Shared memory: 3 stages of (2 block_m x 64 + 64 x b) bf16, plus a (2, block_m, b) epilogue
 buffer: 208 KiB at block_m = b = 128, under the H100/H200's 227 KiB.
@@ -214,3 +220,106 @@ def stream(lhs_TxC, w_KxN, table, count, *, block: int, out_cols: int, transpose
     out = jax.ShapeDtypeStruct((t, out_cols), dtype)
     return k._launch(body, out, grid_m * grid_o, interpret, num_threads=3,
                    thread_name="wg")(table, count, lhs_TxC, w_KxN)
+
+
+def weight_grad_stream(x_TxK, dy_TxN, block_mask, *, block: int, out_dtype,
+                       tiling: k.MosaicTiling, interpret: bool) -> jax.Array:
+    """dW = X^T dY on kept b x b tiles, zeros on pruned ones, as one ring per program.
+
+    Per tile (ki, ni), the memory warpgroup streams bt-row chunks of X[:, ki] and dY[:, ni]
+    over all T rows (none for a pruned tile); compute warpgroup w accumulates rows
+    w b/2 .. (w+1) b/2 of the tile (wgmma M = 64 at b = 128) from every chunk, then stores
+    them. Block 128 only: at 64 a half tile is below wgmma's 64 rows."""
+    t, kdim = x_TxK.shape
+    n = dy_TxN.shape[1]
+    b, bt = block, tiling.block_k
+    half = b // 2
+    grid_k, grid_n = kdim // b, n // b
+    chunks = t // bt
+    transforms = k._transforms(x_TxK.dtype)
+    stages = min(tiling.max_concurrent_steps, 3)
+
+    def body(mask_gmem, x_gmem, dy_gmem, out_gmem):
+        wg = jax.lax.axis_index("wg")
+
+        def tiles(per_tile):
+            @plgpu.nd_loop((grid_k * grid_n,), collective_axes="sm", init_carry=jnp.int32(0))
+            def steps(loop, carry):
+                ki, ni = plgpu.planar_snake(loop.index[0], (grid_k, grid_n), 1,
+                                            tiling.grid_block_n)
+                n_steps = jnp.where(mask_gmem[ki, ni] != 0, chunks, 0)
+                return per_tile(ki, ni, n_steps, carry)
+
+            return steps
+
+        def scoped(x_ring, dy_ring, out_smem, produced, consumed):
+            def memory():
+                plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+                def per_tile(ki, ni, n_steps, g):
+                    def fetch(s, g):
+                        slot = jax.lax.rem(g, stages)
+
+                        @pl.when(g >= stages)
+                        def _():
+                            plgpu.barrier_wait(consumed.at[slot])
+
+                        rows = pl.ds(s * bt, bt)
+                        plgpu.copy_gmem_to_smem(x_gmem.at[rows, pl.ds(ki * b, b)],
+                                                x_ring.at[slot], produced.at[slot])
+                        plgpu.copy_gmem_to_smem(dy_gmem.at[rows, pl.ds(ni * b, b)],
+                                                dy_ring.at[slot], produced.at[slot])
+                        return g + 1
+
+                    return jax.lax.fori_loop(0, n_steps, fetch, g)
+
+                total = tiles(per_tile)
+
+                def drain(g, _):
+                    plgpu.barrier_wait(consumed.at[jax.lax.rem(g, stages)])
+
+                jax.lax.fori_loop(jnp.maximum(total - stages, 0), total, drain, None)
+
+            def compute():
+                plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+
+                def per_tile(ki, ni, n_steps, g):
+                    def accumulate(acc_ref):
+                        def step(_, g):
+                            slot = jax.lax.rem(g, stages)
+                            plgpu.barrier_wait(produced.at[slot])
+                            mine = x_ring.at[slot].at[:, pl.ds(wg * half, half)]
+                            plgpu.wgmma(acc_ref, mine.transpose((1, 0)), dy_ring.at[slot])
+                            plgpu.wgmma_wait(0)
+                            plgpu.barrier_arrive(consumed.at[slot])
+                            return g + 1
+
+                        g_end = jax.lax.fori_loop(0, n_steps, step, g)
+                        return acc_ref[...], g_end  # a pruned tile: the zero accumulator
+
+                    acc, g = pl.run_scoped(accumulate, plgpu.ACC((half, b)))
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    out_smem[wg] = acc.astype(out_dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(
+                        out_smem.at[wg],
+                        out_gmem.at[pl.ds(ki * b + wg * half, half), pl.ds(ni * b, b)])
+                    return g
+
+                tiles(per_tile)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+            jax.lax.cond(wg == 2, memory, compute)
+
+        pl.run_scoped(
+            scoped,
+            x_ring=plgpu.SMEM((stages, bt, b), x_TxK.dtype, transforms=transforms),
+            dy_ring=plgpu.SMEM((stages, bt, b), dy_TxN.dtype, transforms=transforms),
+            out_smem=plgpu.SMEM((2, half, b), out_dtype, transforms=k._transforms(out_dtype)),
+            produced=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            consumed=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            collective_axes="wg")
+
+    out = jax.ShapeDtypeStruct((kdim, n), out_dtype)
+    return k._launch(body, out, grid_k * grid_n, interpret, num_threads=3,
+                     thread_name="wg")(block_mask, x_TxK, dy_TxN)
