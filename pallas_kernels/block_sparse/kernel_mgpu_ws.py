@@ -116,40 +116,42 @@ def per_tile(lhs_TxC, w_KxN, table, count, *, block: int, out_cols: int, transpo
                    thread_name="wg")(table, count, lhs_TxC, w_KxN)
 
 
-def stream(lhs_TxC, w_KxN, table, count, *, block: int, out_cols: int, transpose_w: bool,
-           tiling: k.MosaicTiling, interpret: bool):
-    """per_tile with one continuous ring per program. The memory warpgroup
-    walks the program's output tiles and their listed chunks, filling stage g % stages once
-    the compute warpgroups have released its previous contents; the compute warpgroups walk
-    the same sequence, and at each tile's end store it while the next tile's first stages
-    are already loading. Barrier phases are tracked per waiting thread, so every wait pairs
-    with the next completion of its stage."""
-    t = lhs_TxC.shape[0]
-    bm, bk, b = tiling.block_m, tiling.block_k, block
-    cta_m = 2 * bm
-    chunks = b // bk
-    grid_m, grid_o = t // cta_m, out_cols // b
-    transforms = k._transforms(lhs_TxC.dtype)
-    stages = min(tiling.max_concurrent_steps, 3)
-    dtype = lhs_TxC.dtype
+def _streamed(operands, *, grid: tuple[int, int], a_block: tuple[int, int],
+              b_block: tuple[int, int], acc_shape: tuple[int, int], out_shape, dtype,
+              tiling: k.MosaicTiling, interpret: bool, plan):
+    """The skeleton shared by the streamed kernels: one ring of `stages` shared-memory
+    stages per program, filled by the memory warpgroup and drained by two compute
+    warpgroups, through all of the program's output tiles (`grid`, walked by nd_loop).
 
-    def body(table_gmem, count_gmem, lhs_gmem, w_gmem, out_gmem):
+    `plan(*gmem_refs)` returns the kernel's specifics, as functions of tile (i, j):
+      steps(i, j)           chunks to stream for the tile (0: the tile is zeros)
+      sources(i, j, s)      the GMEM slices of chunk s, for the a and b rings
+      multiply(acc, a, b, wg)  warpgroup wg's wgmma of one stage into its accumulator
+      destination(i, j, wg) where warpgroup wg's acc_shape part of the tile goes
+    Stage g % stages is refilled once both compute warpgroups released its previous
+    contents; barrier phases are tracked per waiting thread, so every wait pairs with the
+    next completion of its stage."""
+    stages = min(tiling.max_concurrent_steps, 3)
+    out_dtype = out_shape.dtype
+
+    def body(*refs):
+        out_gmem = refs[-1]
+        steps, sources, multiply, destination = plan(*refs[:-1])
         wg = jax.lax.axis_index("wg")
 
         def tiles(per_tile):  # every thread walks the same tiles, carrying the step count g
-            @plgpu.nd_loop((grid_m * grid_o,), collective_axes="sm", init_carry=jnp.int32(0))
-            def steps(loop, carry):
-                mi, oi = plgpu.planar_snake(loop.index[0], (grid_m, grid_o), 1,
-                                            tiling.grid_block_n)
-                return per_tile(mi, oi, count_gmem[oi] * chunks, carry)
+            @plgpu.nd_loop((grid[0] * grid[1],), collective_axes="sm", init_carry=jnp.int32(0))
+            def walk(loop, carry):
+                i, j = plgpu.planar_snake(loop.index[0], grid, 1, tiling.grid_block_n)
+                return per_tile(i, j, steps(i, j), carry)
 
-            return steps
+            return walk
 
-        def scoped(lhs_ring, w_ring, out_smem, produced, consumed):
+        def scoped(a_ring, b_ring, out_smem, produced, consumed):
             def memory():
                 plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
-                def per_tile(mi, oi, n, g):
+                def per_tile(i, j, n, g):
                     def fetch(s, g):
                         slot = jax.lax.rem(g, stages)
 
@@ -157,13 +159,9 @@ def stream(lhs_TxC, w_KxN, table, count, *, block: int, out_cols: int, transpose
                         def _():
                             plgpu.barrier_wait(consumed.at[slot])
 
-                        c = table_gmem[oi, s // chunks] * chunks + s % chunks
-                        plgpu.copy_gmem_to_smem(
-                            lhs_gmem.at[pl.ds(mi * cta_m, cta_m), pl.ds(c * bk, bk)],
-                            lhs_ring.at[slot], produced.at[slot])
-                        w_tile = (w_gmem.at[pl.ds(oi * b, b), pl.ds(c * bk, bk)] if transpose_w
-                                  else w_gmem.at[pl.ds(c * bk, bk), pl.ds(oi * b, b)])
-                        plgpu.copy_gmem_to_smem(w_tile, w_ring.at[slot], produced.at[slot])
+                        a_src, b_src = sources(i, j, s)
+                        plgpu.copy_gmem_to_smem(a_src, a_ring.at[slot], produced.at[slot])
+                        plgpu.copy_gmem_to_smem(b_src, b_ring.at[slot], produced.at[slot])
                         return g + 1
 
                     return jax.lax.fori_loop(0, n, fetch, g)
@@ -178,28 +176,24 @@ def stream(lhs_TxC, w_KxN, table, count, *, block: int, out_cols: int, transpose
             def compute():
                 plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
 
-                def per_tile(mi, oi, n, g):
+                def per_tile(i, j, n, g):
                     def accumulate(acc_ref):
                         def step(_, g):
                             slot = jax.lax.rem(g, stages)
                             plgpu.barrier_wait(produced.at[slot])
-                            w_tile = w_ring.at[slot]
-                            plgpu.wgmma(acc_ref, lhs_ring.at[slot].at[pl.ds(wg * bm, bm)],
-                                        w_tile.transpose((1, 0)) if transpose_w else w_tile)
+                            multiply(acc_ref, a_ring.at[slot], b_ring.at[slot], wg)
                             plgpu.wgmma_wait(0)
                             plgpu.barrier_arrive(consumed.at[slot])
                             return g + 1
 
                         g_end = jax.lax.fori_loop(0, n, step, g)
-                        return acc_ref[...], g_end  # no listed chunks: the zero accumulator
+                        return acc_ref[...], g_end  # no chunks: the zero accumulator
 
-                    acc, g = pl.run_scoped(accumulate, plgpu.ACC((bm, b)))
+                    acc, g = pl.run_scoped(accumulate, plgpu.ACC(acc_shape))
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last tile's store
-                    out_smem[wg] = acc.astype(dtype)
+                    out_smem[wg] = acc.astype(out_dtype)
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(
-                        out_smem.at[wg],
-                        out_gmem.at[pl.ds(mi * cta_m + wg * bm, bm), pl.ds(oi * b, b)])
+                    plgpu.copy_smem_to_gmem(out_smem.at[wg], destination(out_gmem, i, j, wg))
                     return g
 
                 tiles(per_tile)
@@ -207,119 +201,85 @@ def stream(lhs_TxC, w_KxN, table, count, *, block: int, out_cols: int, transpose
 
             jax.lax.cond(wg == 2, memory, compute)
 
-        w_shape = (b, bk) if transpose_w else (bk, b)
+        swizzled = k._transforms(dtype)
         pl.run_scoped(
             scoped,
-            lhs_ring=plgpu.SMEM((stages, cta_m, bk), dtype, transforms=transforms),
-            w_ring=plgpu.SMEM((stages, *w_shape), dtype, transforms=transforms),
-            out_smem=plgpu.SMEM((2, bm, b), dtype, transforms=transforms),
+            a_ring=plgpu.SMEM((stages, *a_block), dtype, transforms=swizzled),
+            b_ring=plgpu.SMEM((stages, *b_block), dtype, transforms=swizzled),
+            out_smem=plgpu.SMEM((2, *acc_shape), out_dtype, transforms=k._transforms(out_dtype)),
             produced=plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # two TMA copies
             consumed=plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # two warpgroups
             collective_axes="wg")
 
-    out = jax.ShapeDtypeStruct((t, out_cols), dtype)
-    return k._launch(body, out, grid_m * grid_o, interpret, num_threads=3,
-                   thread_name="wg")(table, count, lhs_TxC, w_KxN)
+    return k._launch(body, out_shape, grid[0] * grid[1], interpret, num_threads=3,
+                     thread_name="wg")(*operands)
+
+
+def stream(lhs_TxC, w_KxN, table, count, *, block: int, out_cols: int, transpose_w: bool,
+           tiling: k.MosaicTiling, interpret: bool):
+    """per_tile with one continuous ring per program (_streamed): output tile (mi, oi) streams
+    the listed chunks of its weight column, and at its end stores while the next tile's
+    first stages are already loading."""
+    t = lhs_TxC.shape[0]
+    bm, bk, b = tiling.block_m, tiling.block_k, block
+    cta_m = 2 * bm
+    chunks = b // bk
+
+    def plan(table_gmem, count_gmem, lhs_gmem, w_gmem):
+        def sources(mi, oi, s):
+            c = table_gmem[oi, s // chunks] * chunks + s % chunks
+            w_tile = (w_gmem.at[pl.ds(oi * b, b), pl.ds(c * bk, bk)] if transpose_w
+                      else w_gmem.at[pl.ds(c * bk, bk), pl.ds(oi * b, b)])
+            return lhs_gmem.at[pl.ds(mi * cta_m, cta_m), pl.ds(c * bk, bk)], w_tile
+
+        def multiply(acc_ref, lhs_stage, w_stage, wg):
+            plgpu.wgmma(acc_ref, lhs_stage.at[pl.ds(wg * bm, bm)],
+                        w_stage.transpose((1, 0)) if transpose_w else w_stage)
+
+        def destination(out_gmem, mi, oi, wg):
+            return out_gmem.at[pl.ds(mi * cta_m + wg * bm, bm), pl.ds(oi * b, b)]
+
+        return (lambda mi, oi: count_gmem[oi] * chunks), sources, multiply, destination
+
+    return _streamed(
+        (table, count, lhs_TxC, w_KxN), grid=(t // cta_m, out_cols // b),
+        a_block=(cta_m, bk), b_block=(b, bk) if transpose_w else (bk, b), acc_shape=(bm, b),
+        out_shape=jax.ShapeDtypeStruct((t, out_cols), lhs_TxC.dtype), dtype=lhs_TxC.dtype,
+        tiling=tiling, interpret=interpret, plan=plan)
 
 
 def weight_grad_stream(x_TxK, dy_TxN, block_mask, *, block: int, out_dtype,
                        tiling: k.MosaicTiling, interpret: bool) -> jax.Array:
-    """dW = X^T dY on kept b x b tiles, zeros on pruned ones, as one ring per program.
+    """dW = X^T dY on kept b x b tiles, zeros on pruned ones, streamed (_streamed).
 
-    Per tile (ki, ni), the memory warpgroup streams bt-row chunks of X[:, ki] and dY[:, ni]
-    over all T rows (none for a pruned tile); compute warpgroup w accumulates rows
-    w b/2 .. (w+1) b/2 of the tile (wgmma M = 64 at b = 128) from every chunk, then stores
-    them. Block 128 only: at 64 a half tile is below wgmma's 64 rows."""
+    Per tile (ki, ni) the ring carries bt-row chunks of X[:, ki] and dY[:, ni] over all T
+    rows (none for a pruned tile); compute warpgroup w accumulates rows w b/2 .. (w+1) b/2
+    of the tile (wgmma M = 64 at b = 128). Block 128 only: at 64 a half tile is below
+    wgmma's 64 rows."""
     t, kdim = x_TxK.shape
     n = dy_TxN.shape[1]
     b, bt = block, tiling.block_k
     half = b // 2
-    grid_k, grid_n = kdim // b, n // b
-    chunks = t // bt
-    transforms = k._transforms(x_TxK.dtype)
-    stages = min(tiling.max_concurrent_steps, 3)
 
-    def body(mask_gmem, x_gmem, dy_gmem, out_gmem):
-        wg = jax.lax.axis_index("wg")
+    def plan(mask_gmem, x_gmem, dy_gmem):
+        def sources(ki, ni, s):
+            rows = pl.ds(s * bt, bt)
+            return x_gmem.at[rows, pl.ds(ki * b, b)], dy_gmem.at[rows, pl.ds(ni * b, b)]
 
-        def tiles(per_tile):
-            @plgpu.nd_loop((grid_k * grid_n,), collective_axes="sm", init_carry=jnp.int32(0))
-            def steps(loop, carry):
-                ki, ni = plgpu.planar_snake(loop.index[0], (grid_k, grid_n), 1,
-                                            tiling.grid_block_n)
-                n_steps = jnp.where(mask_gmem[ki, ni] != 0, chunks, 0)
-                return per_tile(ki, ni, n_steps, carry)
+        def multiply(acc_ref, x_stage, dy_stage, wg):
+            mine = x_stage.at[:, pl.ds(wg * half, half)]
+            plgpu.wgmma(acc_ref, mine.transpose((1, 0)), dy_stage)
 
-            return steps
+        def destination(out_gmem, ki, ni, wg):
+            return out_gmem.at[pl.ds(ki * b + wg * half, half), pl.ds(ni * b, b)]
 
-        def scoped(x_ring, dy_ring, out_smem, produced, consumed):
-            def memory():
-                plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+        def steps(ki, ni):
+            return jnp.where(mask_gmem[ki, ni] != 0, t // bt, 0)
 
-                def per_tile(ki, ni, n_steps, g):
-                    def fetch(s, g):
-                        slot = jax.lax.rem(g, stages)
+        return steps, sources, multiply, destination
 
-                        @pl.when(g >= stages)
-                        def _():
-                            plgpu.barrier_wait(consumed.at[slot])
-
-                        rows = pl.ds(s * bt, bt)
-                        plgpu.copy_gmem_to_smem(x_gmem.at[rows, pl.ds(ki * b, b)],
-                                                x_ring.at[slot], produced.at[slot])
-                        plgpu.copy_gmem_to_smem(dy_gmem.at[rows, pl.ds(ni * b, b)],
-                                                dy_ring.at[slot], produced.at[slot])
-                        return g + 1
-
-                    return jax.lax.fori_loop(0, n_steps, fetch, g)
-
-                total = tiles(per_tile)
-
-                def drain(g, _):
-                    plgpu.barrier_wait(consumed.at[jax.lax.rem(g, stages)])
-
-                jax.lax.fori_loop(jnp.maximum(total - stages, 0), total, drain, None)
-
-            def compute():
-                plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
-
-                def per_tile(ki, ni, n_steps, g):
-                    def accumulate(acc_ref):
-                        def step(_, g):
-                            slot = jax.lax.rem(g, stages)
-                            plgpu.barrier_wait(produced.at[slot])
-                            mine = x_ring.at[slot].at[:, pl.ds(wg * half, half)]
-                            plgpu.wgmma(acc_ref, mine.transpose((1, 0)), dy_ring.at[slot])
-                            plgpu.wgmma_wait(0)
-                            plgpu.barrier_arrive(consumed.at[slot])
-                            return g + 1
-
-                        g_end = jax.lax.fori_loop(0, n_steps, step, g)
-                        return acc_ref[...], g_end  # a pruned tile: the zero accumulator
-
-                    acc, g = pl.run_scoped(accumulate, plgpu.ACC((half, b)))
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    out_smem[wg] = acc.astype(out_dtype)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(
-                        out_smem.at[wg],
-                        out_gmem.at[pl.ds(ki * b + wg * half, half), pl.ds(ni * b, b)])
-                    return g
-
-                tiles(per_tile)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-            jax.lax.cond(wg == 2, memory, compute)
-
-        pl.run_scoped(
-            scoped,
-            x_ring=plgpu.SMEM((stages, bt, b), x_TxK.dtype, transforms=transforms),
-            dy_ring=plgpu.SMEM((stages, bt, b), dy_TxN.dtype, transforms=transforms),
-            out_smem=plgpu.SMEM((2, half, b), out_dtype, transforms=k._transforms(out_dtype)),
-            produced=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-            consumed=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-            collective_axes="wg")
-
-    out = jax.ShapeDtypeStruct((kdim, n), out_dtype)
-    return k._launch(body, out, grid_k * grid_n, interpret, num_threads=3,
-                     thread_name="wg")(block_mask, x_TxK, dy_TxN)
+    return _streamed(
+        (block_mask, x_TxK, dy_TxN), grid=(kdim // b, n // b), a_block=(bt, b),
+        b_block=(bt, b), acc_shape=(half, b),
+        out_shape=jax.ShapeDtypeStruct((kdim, n), out_dtype), dtype=x_TxK.dtype,
+        tiling=tiling, interpret=interpret, plan=plan)
