@@ -8,6 +8,11 @@ pruned tiles:
   implementation="mosaic"            Pallas Mosaic GPU kernels (kernel_mgpu.py: TMA + wgmma),
                                      Hopper; bf16/f16 inputs, blocks 64 and 128
   implementation="mosaic_interpret"  the same, under Mosaic GPU's interpret mode on CPU (tests)
+  implementation="mosaic_ws"         warp-specialized Mosaic forward and input grad
+                                     (kernel_mgpu_ws.py; the weight grad is the plain one)
+  implementation="mosaic_stream"     the same with one TMA ring per program through all its
+                                     tiles, and a streamed weight grad at block 128
+                                     (`*_interpret` of both: the interpreter, for tests)
   implementation="mosaic,pallas,pallas"  one per product: forward, input grad, weight grad
                                      (each measured on its own; the fastest may differ)
 
@@ -121,15 +126,16 @@ def block_sparse_matmul(x: jax.Array, w: jax.Array, layout: BlockLayout, *, bloc
     return y[:rows].reshape(*lead, w.shape[1])
 
 
-# Each product is its own jit: a model's layers call it with equal shapes, and JAX lowers one
-# jitted function once per module (a func.call per layer), where a bare kernel call is lowered
-# (Mosaic GPU / Triton, in Python) again at every call site, 24 layers x 3 products.
 def _mosaic_tiling(impl: str, tiling: kernel_mgpu.MosaicTiling) -> kernel_mgpu.MosaicTiling:
+    """The Mosaic tiling with the variant that the implementation name selects."""
     stream = impl.startswith("mosaic_stream")
     return dataclasses.replace(tiling, warp_specialized=stream or impl.startswith("mosaic_ws"),
                                stream=stream)
 
 
+# Each product is its own jit: a model's layers call it with equal shapes, and JAX lowers one
+# jitted function once per module (a func.call per layer), where a bare kernel call is lowered
+# (Mosaic GPU / Triton, in Python) again at every call site, 24 layers x 3 products.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _matmul(x, w, layout, settings):
     return _forward(x, w, layout, settings)
@@ -176,7 +182,8 @@ def _weight_grad(x, dy, layout, out_dtype, s):
         return reference.weight_grad(x, dy, layout.block_mask, s.block)
     if impl.startswith("mosaic"):
         return kernel_mgpu.weight_grad(x, dy, layout.block_mask, block=s.block,
-                                       out_dtype=out_dtype, tiling=_mosaic_tiling(impl, s.mosaic),
+                                       out_dtype=out_dtype,
+                                       tiling=_mosaic_tiling(impl, s.mosaic),
                                        interpret=impl.endswith("_interpret"))
     t = s.tilings.weight_grad
     return kernel.weight_grad(x, dy, layout.block_mask, block=s.block, block_t=t.rows,
