@@ -11,7 +11,9 @@ process N times the tokens per step).
     python bench/scaling.py --modes dp --profile /tmp/trace \
         --xla-flags ';--xla_gpu_all_reduce_combine_threshold_bytes=8388608'
 
-Scaling = tokens/s with N GPUs / tokens/s with one GPU; ideal is N.
+Scaling = tokens/s with N GPUs / tokens/s with one GPU; ideal is N. With --profile, each
+mode's trace lands in DIR/<mode tag>; `python bench/trace_summary.py DIR/<tag>` then says how
+much of the step is communication and how much of it compute hides.
 """
 
 from __future__ import annotations
