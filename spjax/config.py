@@ -157,11 +157,27 @@ class Config:
             raise ConfigError("parallel.expert > 1 needs a mixture-of-experts model "
                               "(model.moe.num_experts > 0)")
         self._validate_attention_patterns()
+        self._validate_block_kernel()
         self._validate_gate_training()
         self._validate_head_sharding()
         if self.lowrank.method == "galore" and self.sparsity.enabled:
             raise ConfigError("lowrank.method 'galore' projects dense gradients and cannot be "
                               "combined with sparsity.method; use one of them")
+
+    def _validate_block_kernel(self) -> None:
+        """The Mosaic GPU block-sparse kernels' limits (wgmma: 16-bit operands, 64-wide
+        swizzled chunks), at start-up instead of as a traceback inside the first step."""
+        section, kernel = self.sparsity, self.sparsity.kernel
+        if not (section.enabled and section.pattern == "block" and kernel.startswith("mosaic")):
+            return
+        if section.block not in (64, 128):
+            raise ConfigError(f"sparsity.kernel={kernel} (Mosaic GPU) takes blocks of 64 or 128, "
+                              f"got sparsity.block={section.block}; set sparsity.block=128 or "
+                              f"sparsity.kernel=pallas")
+        if self.model.compute_dtype != "bfloat16":
+            raise ConfigError(f"sparsity.kernel={kernel} (Mosaic GPU) multiplies in bfloat16, "
+                              f"got model.compute_dtype={self.model.compute_dtype}; set "
+                              f"model.compute_dtype=bfloat16 or sparsity.kernel=pallas")
 
     def _validate_gate_training(self) -> None:
         if self.train.trainable != "gate":

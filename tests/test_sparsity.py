@@ -431,14 +431,27 @@ def test_block_kernel_layers_train_exactly_like_masked_dense_ones(method):
         assert bool(flag)  # the step completing t = 2 regrows: dense path
 
 
-def test_mosaic_fwd_runs_the_forward_on_mosaic_and_the_gradients_on_triton():
-    from spjax.sparsity.engine import layer_assignment
+@pytest.mark.parametrize("name, products", [
+    ("mosaic_fwd", "mosaic,pallas,pallas"), ("mosaic_ws", "mosaic_ws,mosaic_ws,pallas"),
+    ("mosaic_stream", "mosaic_stream,mosaic_stream,pallas")])
+def test_kernel_names_map_to_one_implementation_per_product(name, products, monkeypatch):
+    from spjax.sparsity import engine
 
-    config = load_config(None, [*MODEL, "sparsity.method=static", "sparsity.pattern=block",
-                                "sparsity.block=64", "sparsity.kernel=mosaic_fwd"])
-    spec = layer_assignment(config.sparsity)("layers/0/mlp/up")
-    assert (spec.structure, spec.kernel) == ("blocksparse", "mosaic,pallas,pallas")
-    config = load_config(None, [*MODEL, "sparsity.method=static", "sparsity.pattern=block",
-                                "sparsity.block=64", "sparsity.kernel=mosaic_ws"])
-    spec = layer_assignment(config.sparsity)("layers/0/mlp/up")
-    assert (spec.structure, spec.kernel) == ("blocksparse", "mosaic_ws,mosaic_ws,pallas")
+    overrides = [*MODEL, "model.compute_dtype=bfloat16", "sparsity.method=static",
+                 "sparsity.pattern=block", "sparsity.block=64", f"sparsity.kernel={name}"]
+    config = load_config(None, overrides)
+    with pytest.raises(ConfigError, match=f"sparsity.kernel={name} runs GPU kernels.*cpu"):
+        engine.layer_assignment(config.sparsity)  # this CPU machine: a start-up error
+    monkeypatch.setattr(engine.jax, "default_backend", lambda: "gpu")
+    spec = engine.layer_assignment(config.sparsity)("layers/0/mlp/up")
+    assert (spec.structure, spec.kernel) == ("blocksparse", products)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["sparsity.block=32", "model.compute_dtype=bfloat16"], "blocks of 64 or 128.*block=32"),
+    (["sparsity.block=64"], "bfloat16, got model.compute_dtype=float32"),
+])
+def test_mosaic_kernels_limits_are_start_up_errors(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, [*MODEL, "sparsity.method=static", "sparsity.pattern=block",
+                           "sparsity.kernel=mosaic_ws", *overrides])
