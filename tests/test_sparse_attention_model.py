@@ -102,9 +102,13 @@ def test_mosaic_kernels_in_the_model_match_the_reference_path():
     rules = '[[".*", sliding_window]]'
     tokens = _tokens(3, (1, 128))
     ref_loss, ref_grads = _loss_and_grads(_config(*sizes, rules=rules).model, tokens)
-    from spjax.model.sparse_attention import resolve_kernel
+    from spjax.model import sparse_attention
 
-    assert resolve_kernel("mosaic_fwd") == "mosaic,pallas"
+    with pytest.raises(ConfigError, match="kernel=mosaic_fwd runs GPU kernels.*cpu"):
+        sparse_attention.resolve_kernel("mosaic_fwd")  # on this CPU machine
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sparse_attention.jax, "default_backend", lambda: "gpu")
+        assert sparse_attention.resolve_kernel("mosaic_fwd") == "mosaic,pallas"
     for kernel in ("mosaic_interpret", "mosaic_interpret,interpret"):
         config = _config(*sizes, rules=rules).model
         config = dataclasses.replace(config, attention_pattern=dataclasses.replace(
