@@ -279,6 +279,12 @@ def test_bad_gate_settings_are_one_line_config_errors(overrides, needle):
     assert "\n" not in str(error.value)
 
 
+def test_the_fused_target_kernel_on_a_cpu_backend_is_a_clear_error():
+    with pytest.raises(ConfigError, match="target_kernel=pallas runs a GPU kernel.*cpu"):
+        ag.target_implementation("pallas")
+    assert ag.target_implementation("auto") == "xla"  # CPU: the jnp target
+
+
 # ------------------------------------------------------------------ end to end, checkpoints
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

@@ -217,6 +217,12 @@ def test_emulated_ragged_all_to_all_follows_the_documented_example():
         np.testing.assert_array_equal(out[r], expected)
 
 
+def test_pallas_grouped_gemm_where_it_cannot_run_is_a_clear_error():
+    run = Run("model.moe.grouped_gemm=pallas", n_devices=1)
+    with pytest.raises(ConfigError, match="grouped_gemm=pallas needs a Hopper GPU.*backend cpu"):
+        run.step(_batches(1)[0])
+
+
 def test_ragged_dispatch_on_cpu_without_the_collective_is_a_clear_error():
     run = Run("parallel.expert=4", "parallel.data=2", "model.moe.dispatch=ragged", n_devices=8)
     with pytest.raises(ConfigError, match="needs a GPU.*dispatch=padded"):

@@ -81,12 +81,18 @@ def grouped_swiglu(x_MxD: jax.Array, sizes_G: jax.Array, w_gate: jax.Array, w_up
     """Rows sorted by group; rows past sum(sizes) (padding) come out exactly zero.
     padded=False promises there are none (sum(sizes) == rows), which saves the zeroing."""
     dt = x_MxD.dtype
+    # The Mosaic GPU kernels run on Hopper when this shard's widths fit their tiles (5-30x
+    # jax.lax.ragged_dot there, bench/moe.py); ragged_dot runs anywhere (CPU, other GPUs).
+    fits = grouped_gemm_kernel.supported(*w_gate.shape[1:]) and dt in (jnp.bfloat16,
+                                                                       jnp.float16)
     if implementation == "auto":
-        # The Mosaic GPU kernels on Hopper when this shard's widths fit their tiles (5-30x
-        # jax.lax.ragged_dot there, bench/moe.py), else ragged_dot (CPU, other GPUs).
-        fits = grouped_gemm_kernel.supported(*w_gate.shape[1:]) and dt in (jnp.bfloat16,
-                                                                           jnp.float16)
         implementation = "pallas" if fits else "ragged_dot"
+    elif implementation == "pallas" and not fits:
+        d, f = w_gate.shape[1:]
+        raise ConfigError(f"model.moe.grouped_gemm=pallas needs a Hopper GPU, bfloat16 compute "
+                          f"and expert widths that are multiples of 128 (here d_model {d}, "
+                          f"expert width {f} per shard, {jnp.dtype(dt).name}, backend "
+                          f"{jax.default_backend()}); use grouped_gemm=auto or ragged_dot")
     mm = lambda a, w: grouped_matmul(a, w.astype(dt), sizes_G, implementation,  # noqa: E731
                                      padded=padded)
     out = mm(jax.nn.silu(mm(x_MxD, w_gate)) * mm(x_MxD, w_up), w_down)
