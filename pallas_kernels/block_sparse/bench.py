@@ -206,6 +206,28 @@ def sweep_mosaic(t: int, k: int, n: int, block: int, sparsity: float,
     return best
 
 
+def _parse(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """--blocks, --shapes and --implementations, checked: a bad value is a one-line error."""
+    try:
+        blocks = [int(b) for b in args.blocks.split(",")]
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+        [float(x) for x in args.sparsities.split(",")]
+    except ValueError:
+        parser.error("--blocks, --sparsities and --shapes take comma-separated numbers; a shape "
+                     "is TxKxN, e.g. --shapes 8192x4096x4096")
+    if any(len(shape) != 3 for shape in shapes):
+        parser.error(f"--shapes: each shape is TxKxN (tokens x d_in x d_out), got {args.shapes}")
+    for _, k, n in shapes:
+        for b in blocks:
+            if k % b or n % b:
+                parser.error(f"--blocks: {b} does not divide the weight {k}x{n}")
+    implementations = args.implementations.split(",")
+    unknown = [i for i in implementations if i not in RUNS_AS]
+    if unknown:
+        parser.error(f"--implementations: unknown {unknown}; choose from {list(RUNS_AS)}")
+    return blocks, shapes, implementations
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="8192x4096x4096,16384x4096x4096,8192x4096x16384,"
@@ -222,11 +244,10 @@ def main() -> None:
                         help="instead: tune each kernel's tiling at the first shape, 75%% sparse")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
-    blocks = [int(b) for b in args.blocks.split(",")]
+    blocks, shapes, implementations = _parse(parser, args)
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}", flush=True)
-    implementations = args.implementations.split(",")
     if args.sweep:
-        t, k, n = (int(v) for v in args.shapes.split(",")[0].split("x"))
+        t, k, n = shapes[0]
         for block in blocks:
             if "pallas" in implementations:
                 print(f"block {block}: {sweep(t, k, n, block, 0.75, args.reps)}", flush=True)
@@ -236,8 +257,7 @@ def main() -> None:
     for block in blocks:
         print(f"block {block}: {TUNED_TILINGS.get(block, Tilings())}")
     rows = []
-    for shape in args.shapes.split(","):
-        t, k, n = (int(v) for v in shape.split("x"))
+    for t, k, n in shapes:
         rows += bench_shape(t, k, n, blocks, [float(s) for s in args.sparsities.split(",")],
                             args.reps, implementations)
     print("\n| shape | block | kernels | sparsity | XLA dense fwd / fwd+bwd ms | sparse fwd / "
