@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from spjax import parallel  # noqa: E402
 from spjax.config import load_config  # noqa: E402
+from spjax.errors import ConfigError  # noqa: E402
 from spjax.train import flops as flops_lib  # noqa: E402
 from spjax.train.state import Program, init_state, state_layout  # noqa: E402
 from spjax.train.step import make_train_step  # noqa: E402
@@ -54,11 +55,14 @@ def matmul_baseline(m: int = 8192, n: int = 8192, k: int = 8192) -> float | None
     return 2 * m * n * k / statistics.median(time_calls(lambda: f(a, b), 20)) / 1e12
 
 
+def preset_config(preset: str, seq_len: int, batch: int, overrides: list[str]):
+    return load_config(None, [f"model={preset}", "model.vocab_size=32000", "train.steps=10000",
+                              f"data.seq_len={seq_len}", f"data.batch_size={batch}", *overrides])
+
+
 def bench_preset(preset: str, seq_len: int, batch: int, steps: int, overrides: list[str],
                  profile_dir: str = "") -> dict:
-    config = load_config(None, [f"model={preset}", "model.vocab_size=32000", "train.steps=10000",
-                                f"data.seq_len={seq_len}", f"data.batch_size={batch}",
-                                *overrides])
+    config = preset_config(preset, seq_len, batch, overrides)
     program = Program.build(config)
     mesh = parallel.make_mesh(config.parallel)
     rules = parallel.sharding_rules(config.parallel)
@@ -129,14 +133,25 @@ def main() -> None:
     args = parser.parse_args()
 
     presets = args.presets.split(",")
-    batches = [int(b) for b in args.batch.split(",")]
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        parser.error(f"--batch takes one integer or one per preset, got {args.batch!r}")
     batches = batches * len(presets) if len(batches) == 1 else batches
+    if len(batches) != len(presets):
+        parser.error(f"--batch: {len(batches)} values for {len(presets)} presets")
+    variants = [v.split() for v in args.variants.split(";")] if args.variants else [[]]
+    for preset, batch in zip(presets, batches):  # every config checked before any GPU work
+        for variant in variants:
+            try:
+                preset_config(preset, args.seq_len, batch, [*args.overrides, *variant])
+            except ConfigError as e:
+                parser.error(f"{' '.join([preset, *variant])}: {e}")
     peak = flops_lib.peak_flops_per_device()
     device = jax.devices()[0]
     baseline = matmul_baseline()
     print(f"device: {device.device_kind}; jax {jax.__version__}; "
           f"baseline XLA bf16 matmul 8192^3: {baseline or 0:.0f} TFLOP/s", flush=True)
-    variants = [v.split() for v in args.variants.split(";")] if args.variants else [[]]
     rows = []
     for i, (preset, batch) in enumerate(zip(presets, batches)):
         for j, variant in enumerate(variants):
