@@ -52,6 +52,15 @@ class BlockSparseLinear(MaskedLinear):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.compute_dtype
+        # checked here, when the step is traced, not when the model is built: `--dry-run` of a
+        # GPU config on a CPU login node still works
+        gpu_only = [p for p in self.implementation.split(",")
+                    if p in ("pallas", "mosaic", "mosaic_ws", "mosaic_stream")]
+        if gpu_only and jax.default_backend() != "gpu":
+            raise ConfigError(f"sparsity.kernel runs GPU kernels ({self.implementation}), and "
+                              f"this machine's JAX backend is {jax.default_backend()}; use "
+                              f"sparsity.kernel=auto (the jnp reference here), interpret or "
+                              f"mosaic_interpret")
 
         def sparse(x):
             w = self.kernel[...].astype(c)

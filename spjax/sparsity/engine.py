@@ -36,7 +36,6 @@ def layer_rules(config: SparsityConfig) -> Rules:
     return Rules.from_pairs(config.rules, source="sparsity.rules")
 
 
-GPU_KERNELS = ("pallas", "mosaic", "mosaic_fwd", "mosaic_ws", "mosaic_stream")
 # Config names for per-product implementations (forward, input grad, weight grad)
 KERNEL_COMBINATIONS = {"mosaic_fwd": "mosaic,pallas,pallas",
                        "mosaic_ws": "mosaic_ws,mosaic_ws,pallas",
@@ -53,10 +52,6 @@ def layer_assignment(config: SparsityConfig) -> Callable[[str], LinearSpec]:
         kernel = config.kernel
         if kernel == "auto":
             kernel = "pallas" if jax.default_backend() == "gpu" else "xla"
-        elif kernel in GPU_KERNELS and jax.default_backend() != "gpu":
-            raise ConfigError(f"sparsity.kernel={kernel} runs GPU kernels, and this machine's "
-                              f"JAX backend is {jax.default_backend()}; use sparsity.kernel=auto "
-                              f"(the jnp reference here), interpret or mosaic_interpret")
         kernel = KERNEL_COMBINATIONS.get(kernel, kernel)
         sparse = LinearSpec("blocksparse", block=config.block, kernel=kernel)
 
