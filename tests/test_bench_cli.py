@@ -20,3 +20,14 @@ def test_train_throughput_bad_arguments(args, needle):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert needle in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--seqs", "abc"], "--seqs, --blocks and --sparsities take comma-separated numbers"),
+    (["--seqs", "100", "--blocks", "64"], "--blocks: 64 does not divide sequence length 100"),
+])
+def test_attention_bench_bad_arguments(args, needle):
+    result = subprocess.run([sys.executable, str(BENCH / "attention.py"), *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert needle in result.stderr and "Traceback" not in result.stderr

@@ -197,8 +197,15 @@ def main() -> None:
                         "(mosaic) at the first T, 75%% sparse")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
-    seqs = [int(s) for s in args.seqs.split(",")]
-    blocks = [int(b) for b in args.blocks.split(",")]
+    try:
+        seqs = [int(s) for s in args.seqs.split(",")]
+        blocks = [int(b) for b in args.blocks.split(",")]
+        [float(x) for x in args.sparsities.split(",")]
+    except ValueError:
+        parser.error("--seqs, --blocks and --sparsities take comma-separated numbers, e.g. "
+                     "--seqs 4096,8192 --blocks 128 --sparsities 0.5,0.9")
+    if bad := [(t, b) for t in seqs for b in blocks if t % b]:
+        parser.error(f"--blocks: {bad[0][1]} does not divide sequence length {bad[0][0]}")
     names = tuple(s.strip() for s in args.implementations.split(","))
     if unknown := [n for n in names if n not in RUNS_AS]:
         parser.error(f"--implementations: unknown {', '.join(unknown)}; choose from "
