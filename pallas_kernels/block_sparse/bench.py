@@ -92,22 +92,19 @@ def bench_shape(t: int, k: int, n: int, blocks: list[int], sparsities: list[floa
 
             fwd = jax.jit(mm)
             fb = jax.jit(lambda a, b, g: forward_and_backward(mm, a, b, g))
-            return fwd, fb
+            return mm, fwd, fb
 
         full = build_layout(jnp.ones((k // block, n // block), bool))
-        full_fwd, full_fb = sparse_fns(full)
+        _, full_fwd, full_fb = sparse_fns(full)
         pallas_dense_fwd = median_seconds(lambda: full_fwd(x, w), reps)
         pallas_dense_fb = median_seconds(lambda: full_fb(x, w, dy), reps)
         for sparsity in sparsities:
             mask = random_mask(keys[3], (k // block, n // block), 1 - sparsity)
             density = float(mask.mean())
-            fwd, fb = sparse_fns(build_layout(mask))
+            mm, fwd, fb = sparse_fns(build_layout(mask))
             s_fwd = median_seconds(lambda: fwd(x, w), reps)
             s_fb = median_seconds(lambda: fb(x, w, dy), reps)
-            sparse_products = products_ms(
-                lambda a, b, layout=build_layout(mask): block_sparse_matmul(
-                    a, b, layout, block=block, mosaic=mosaic,
-                    implementation=RUNS_AS[implementation]), x, w, dy, reps)
+            sparse_products = products_ms(mm, x, w, dy, reps)
             row = {
                 "shape": f"{t}x{k}x{n}", "block": block, "implementation": implementation,
                 "sparsity": 1 - density,
@@ -120,8 +117,8 @@ def bench_shape(t: int, k: int, n: int, blocks: list[int], sparsities: list[floa
                 "speedup_fwd": xla_fwd / s_fwd, "speedup_fb": xla_fb / s_fb,
                 "block_eff_fwd": (density * flops / s_fwd) / (flops / pallas_dense_fwd),
                 "block_eff_fb": (density * 3 * flops / s_fb) / (3 * flops / pallas_dense_fb),
-                **{f"xla_{k}": v for k, v in xla_products.items()},
-                **{f"sparse_{k}": v for k, v in sparse_products.items()},
+                **{f"xla_{name}": ms for name, ms in xla_products.items()},
+                **{f"sparse_{name}": ms for name, ms in sparse_products.items()},
             }
             print(json.dumps(row), flush=True)
             rows.append(row)
