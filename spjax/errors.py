@@ -28,3 +28,13 @@ class SweepError(SpjaxError):
 
 class FitError(SpjaxError):
     """A runs table cannot be fitted: missing columns, bad values or too few points."""
+
+
+def require_gpu(what: str, fix: str) -> None:
+    """A ConfigError unless JAX runs on a GPU: `what` names the setting and what it runs
+    ("sparsity.kernel runs GPU kernels (pallas)"), `fix` the setting to use instead."""
+    import jax  # here, not at the top: this module is imported by light tools too
+
+    backend = jax.default_backend()
+    if backend != "gpu":
+        raise ConfigError(f"{what}, and this machine's JAX backend is {backend}; use {fix}")

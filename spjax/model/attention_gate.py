@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels.block_sparse_attention import gate_target
 from spjax import parallel
 from spjax.config import AttentionPatternConfig, ModelConfig
-from spjax.errors import ConfigError
+from spjax.errors import require_gpu
 from spjax.model import sparse_attention
 
 
@@ -186,10 +186,9 @@ def target_implementation(kernel: str) -> str:
     """gate.target_kernel -> distill_target's implementation. 'auto': the fused kernel on GPU
     (on the H200 at 8k tokens it took the 60M step from 242 to 88 ms against XLA's target,
     docs/ATTENTION.md), the jnp target elsewhere."""
-    if kernel == "pallas" and jax.default_backend() != "gpu":
-        raise ConfigError(f"model.attention_pattern.gate.target_kernel=pallas runs a GPU kernel, "
-                          f"and this machine's JAX backend is {jax.default_backend()}; use "
-                          f"target_kernel=auto (the jnp target here) or interpret")
+    if kernel == "pallas":
+        require_gpu("model.attention_pattern.gate.target_kernel=pallas runs a GPU kernel",
+                    "target_kernel=auto (the jnp target here) or interpret")
     if kernel != "auto":
         return kernel
     return "pallas" if jax.default_backend() == "gpu" else "xla"

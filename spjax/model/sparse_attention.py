@@ -24,7 +24,7 @@ from pallas_kernels.block_sparse_attention import (AttentionLayout, BlockSparseA
                                                    block_sparse_attention, build_layout)
 from spjax import parallel
 from spjax.config import AttentionPatternConfig
-from spjax.errors import ConfigError
+from spjax.errors import ConfigError, require_gpu
 from spjax.model import attention_patterns
 
 
@@ -51,10 +51,9 @@ KERNEL_COMBINATIONS = {"mosaic_fwd": "mosaic,pallas"}
 def resolve_kernel(kernel: str) -> str:
     """'auto' -> the Pallas kernels on GPU, the plain-jnp reference elsewhere; config names
     of per-pass pairs -> the implementation string of block_sparse_attention."""
-    if kernel in ("pallas", "mosaic", "mosaic_fwd") and jax.default_backend() != "gpu":
-        raise ConfigError(f"model.attention_pattern.kernel={kernel} runs GPU kernels, and this "
-                          f"machine's JAX backend is {jax.default_backend()}; use kernel=auto "
-                          f"(the jnp reference here), interpret or mosaic_interpret")
+    if kernel in ("pallas", "mosaic", "mosaic_fwd"):
+        require_gpu(f"model.attention_pattern.kernel={kernel} runs GPU kernels",
+                    "kernel=auto (the jnp reference here), interpret or mosaic_interpret")
     if kernel != "auto":
         return KERNEL_COMBINATIONS.get(kernel, kernel)
     return "pallas" if jax.default_backend() == "gpu" else "xla"
