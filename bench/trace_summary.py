@@ -15,7 +15,11 @@ compute otherwise. Per device it prints, in ms per step:
   hidden     the part of comm during which some compute kernel also runs
   exposed    comm - hidden: communication the step waits for
   idle       span - union of all kernels: the GPU runs nothing (host, launch gaps)
-and the kernels with the most total time. `--list` prints the trace's process and thread
+and the kernels with the most total time. `--group LABEL=REGEX` (repeatable) adds the kernel
+time per step of each named group of kernels (the first group whose regex matches a kernel's
+name takes it; the rest is 'other'), e.g. the block-sparse kernels' share of a training step:
+    --group "block-sparse=mosaic|pallas|block_sparse" --group "gemm=gemm|cublas|cutlass"
+`--list` prints the trace's process and thread
 names, to check which lines were read.
 """
 
@@ -141,6 +145,27 @@ def top_kernels(kernels: list[dict], n: int, steps: int) -> list[tuple[str, int,
             for name, (count, total) in ranked]
 
 
+def group_times(kernels: list[dict], groups: list[tuple[str, re.Pattern]],
+                steps: int) -> dict[str, float]:
+    """Summed kernel time (ms per step) of each group; 'other' takes what no regex matches."""
+    totals = {label: 0.0 for label, _ in groups} | {"other": 0.0}
+    for e in kernels:
+        name = e.get("name", "")
+        label = next((label for label, regex in groups if regex.search(name)), "other")
+        totals[label] += float(e.get("dur", 0.0)) * 1e-3 / steps
+    return totals
+
+
+def parse_group(text: str) -> tuple[str, re.Pattern]:
+    label, sep, pattern = text.partition("=")
+    if not sep or not label or not pattern:
+        raise argparse.ArgumentTypeError(f"--group {text!r}: expected LABEL=REGEX")
+    try:
+        return label, re.compile(pattern, re.IGNORECASE)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"--group {text!r}: bad regex ({e})") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", help="a --profile directory or a trace JSON file")
@@ -148,6 +173,9 @@ def main() -> None:
                         help="steps in the trace (bench/train_throughput.py traces 3)")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--list", action="store_true", help="print process and thread names")
+    parser.add_argument("--group", type=parse_group, action="append", default=[],
+                        metavar="LABEL=REGEX", help="sum the kernel time of kernels whose name "
+                        "matches REGEX under LABEL (repeatable)")
     args = parser.parse_args()
     trace = find_trace(Path(args.path))
     events = load_events(trace)
@@ -168,6 +196,12 @@ def main() -> None:
         print(f"| {device} | {s['span_ms']:.2f} | {s['compute_ms']:.2f} | {s['comm_ms']:.2f} | "
               f"{s['hidden_ms']:.2f} | {s['exposed_ms']:.2f} | {s['idle_ms']:.2f} |")
     device, kernels = sorted(devices.items())[0]
+    if args.group:
+        print(f"\nkernel time by group on {device} (ms per step):\n")
+        print("| group | ms |")
+        print("|---|---|")
+        for label, ms in group_times(kernels, args.group, args.steps).items():
+            print(f"| {label} | {ms:.2f} |")
     print(f"\nkernels with the most time on {device} (ms per step):\n")
     print("| kernel | calls | ms | kind |")
     print("|---|---|---|---|")

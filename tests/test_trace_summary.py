@@ -60,16 +60,30 @@ def test_hidden_and_exposed_communication_per_device():
     assert per_step["exposed_ms"] == pytest.approx(0.001)
 
 
+def test_kernel_time_by_group_first_match_wins_rest_is_other():
+    gpu0 = ts.kernels_by_device(_trace()["traceEvents"])["/device:GPU:0"]
+    groups = [ts.parse_group("gemm=gemm"), ts.parse_group("comm=all-reduce|gemm")]
+    assert ts.group_times(gpu0, groups, steps=1) == pytest.approx(
+        {"gemm": 0.008, "comm": 0.006, "other": 0.010})
+
+
 def test_the_script_reads_a_profile_directory(tmp_path):
     run = tmp_path / "plugins" / "profile" / "2026_11_30"
     run.mkdir(parents=True)
     with gzip.open(run / "perfetto_trace.json.gz", "wt") as f:
         json.dump(_trace(), f)
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "trace_summary.py"),
-                          str(tmp_path), "--steps", "1"], capture_output=True, text=True,
-                         check=True).stdout
+                          str(tmp_path), "--steps", "1", "--group", "gemm=cutlass"],
+                         capture_output=True, text=True, check=True).stdout
     assert "| /device:GPU:0 | 0.02 | 0.02 | 0.01 | 0.00 | 0.00 | 0.00 |" in out
     assert "| all-reduce-start.1 | 1 | 0.006 | comm |" in out
+    assert "| gemm | 0.01 |" in out and "| other | 0.02 |" in out
+
+
+def test_a_malformed_group_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "trace_summary.py"),
+                             str(tmp_path), "--group", "gemm"], capture_output=True, text=True)
+    assert result.returncode != 0 and "--group 'gemm': expected LABEL=REGEX" in result.stderr
 
 
 def test_a_directory_without_a_trace_is_a_one_line_error(tmp_path):
