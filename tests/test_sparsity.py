@@ -431,6 +431,27 @@ def test_block_kernel_layers_train_exactly_like_masked_dense_ones(method):
         assert bool(flag)  # the step completing t = 2 regrows: dense path
 
 
+@pytest.mark.parametrize("platform, capability, block, dtype, expected", [
+    ("cpu", "", 128, "bfloat16", "xla"),
+    ("gpu", "9.0", 128, "bfloat16", "mosaic_ws,mosaic_ws,pallas"),  # Hopper: Mosaic fwd/dX
+    ("gpu", "9.0", 64, "bfloat16", "pallas"),  # block 64 on Mosaic not measured end to end
+    ("gpu", "9.0", 128, "float32", "pallas"),  # wgmma takes 16-bit operands
+    ("gpu", "8.0", 128, "bfloat16", "pallas"),  # no wgmma/TMA before Hopper
+])
+def test_auto_block_kernel_picks_by_device_block_and_dtype(monkeypatch, platform, capability,
+                                                           block, dtype, expected):
+    from types import SimpleNamespace
+
+    from spjax.sparsity import engine
+
+    device = SimpleNamespace(platform=platform, compute_capability=capability)
+    monkeypatch.setattr(engine.jax, "devices", lambda *a: [device])
+    config = load_config(None, [*MODEL, "sparsity.method=static", "sparsity.pattern=block",
+                                f"sparsity.block={block}"])
+    spec = engine.layer_assignment(config.sparsity, dtype)("layers/0/mlp/up")
+    assert (spec.structure, spec.kernel) == ("blocksparse", expected)
+
+
 @pytest.mark.parametrize("name, products", [
     ("mosaic_fwd", "mosaic,pallas,pallas"), ("mosaic_ws", "mosaic_ws,mosaic_ws,pallas"),
     ("mosaic_stream", "mosaic_stream,mosaic_stream,pallas")])

@@ -41,7 +41,8 @@ from spjax.errors import DataError
 FORMAT_VERSION = 1
 SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MiB per uint16 shard, big enough to keep file counts low
 SPLITS = ("train", "val")
-ENCODE_BATCH = 64  # documents per tokenizer call: HF tokenizers parallelize inside a batch
+ENCODE_BATCH = 512  # documents per tokenizer call: HF tokenizers parallelize inside a batch, and
+# a few very long files stall a small batch (64 left 16 cores mostly idle on 566 MB of source)
 PREPARE_HINT = "run `spjax prepare-data INPUT... --out {path}`"
 
 

@@ -100,7 +100,8 @@ class SparsityConfig:
     m: int = 4
     block: int = 32
     # block pattern: 'auto' runs the Pallas block-sparse kernels on GPU (all three products
-    # skip pruned tiles) and their plain-jnp reference elsewhere; 'none' simulates the mask
+    # skip pruned tiles: 'mosaic_ws' on Hopper at block 128 in bf16, else 'pallas') and their
+    # plain-jnp reference elsewhere; 'none' simulates the mask
     # in dense matmuls (MaskedLinear); 'xla' / 'pallas' (Triton lowering) / 'interpret' /
     # 'mosaic' (Mosaic GPU, Hopper, bf16, blocks 64/128) / 'mosaic_interpret' force one;
     # 'mosaic_fwd' runs the forward on Mosaic GPU and both gradients on the Triton kernels;

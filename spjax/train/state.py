@@ -93,7 +93,8 @@ class Program:
 
     @classmethod
     def build(cls, config: Config) -> Program:
-        assign = combined_assignment(layer_assignment(config.sparsity),
+        assign = combined_assignment(layer_assignment(config.sparsity,
+                                                      config.model.compute_dtype),
                                      lowrank_assignment(config.lowrank, config.model))
         model_def = ModelDef.build(config.model, assign)
         steps = config.train.steps
