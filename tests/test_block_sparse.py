@@ -172,12 +172,12 @@ def test_mosaic_gpu_kernels_in_interpret_mode_match_the_reference(case):
     _check_bf16_products(x, w, mask, dy, block, "mosaic_interpret")
 
 
-def _check_bf16_products(x, w, mask, dy, block, implementation):
+def _check_bf16_products(x, w, mask, dy, block, implementation, mosaic=None):
     """Y, dX and dW of bf16 activations with fp32 master weights (as in training: dW comes
     back in fp32) against the reference; pruned tiles of dW exactly zero."""
     w = w.astype(jnp.float32)
     layout = build_layout(mask)
-    y, vjp = jax.vjp(lambda x, w: block_sparse_matmul(x, w, layout, block=block,
+    y, vjp = jax.vjp(lambda x, w: block_sparse_matmul(x, w, layout, block=block, mosaic=mosaic,
                                                       implementation=implementation), x, w)
     dx, dw = vjp(dy)
     assert y.dtype == dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
@@ -202,23 +202,28 @@ WS_CASES = [
 ]
 
 
+@pytest.mark.timeout(300)  # a ring whose stages are not all freed deadlocks: fail, not hang
+@pytest.mark.parametrize("delay_release", [0, 1])
 @pytest.mark.parametrize("variant", ["mosaic_ws", "mosaic_stream"])
 @pytest.mark.parametrize("case", WS_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-b{c[3]}-d{c[4]}"
                                                          f"-sms{c[6]}")
 def test_warp_specialized_mosaic_kernels_in_interpret_mode_match_the_reference(
-        case, variant, monkeypatch, capsys):
+        case, variant, delay_release, monkeypatch, capsys):
     """mosaic_ws / mosaic_stream: two compute warpgroups and a TMA warpgroup (forward and
     input grad; mosaic_stream's weight grad at block 128). With few SMs each program loops
     over many tiles, so the shared-memory ring and the epilogue buffer are reused across
     tiles of different step counts. The interpreter's race detector must find no unordered
-    shared-memory access."""
+    shared-memory access. delay_release=1 keeps one wgmma in flight and frees each stage a
+    step late: every stage must still be freed exactly once per fill (else the ring
+    deadlocks or a load overwrites a stage in use)."""
     t, k, n, block, density, special, sms = case
     monkeypatch.setattr(kernel_mgpu, "DEFAULT_SMS", sms)
     monkeypatch.setattr(kernel_mgpu, "INTERPRET_PARAMS",
                         kernel_mgpu.plgpu.InterpretGPUParams(detect_races=True))
     x, w, mask, dy = _inputs(t, k, n, block, density, special, jnp.bfloat16, seed=t + k + sms)
     # all three products (mosaic_stream's own dW at block 128, the plain Mosaic one else)
-    _check_bf16_products(x, w, mask, dy, block, f"{variant}_interpret")
+    _check_bf16_products(x, w, mask, dy, block, f"{variant}_interpret",
+                         kernel_mgpu.MosaicTiling(delay_release=delay_release))
     assert "RACE DETECTED" not in capsys.readouterr().out
 
 
@@ -263,11 +268,16 @@ def test_mosaic_rejects_what_wgmma_cannot_take():
                                             "mosaic_stream"])
 @pytest.mark.parametrize("block", [64, 128])
 @pytest.mark.parametrize("density", [0.1, 0.25, 0.5, 1.0])
-def test_gpu_kernels_match_the_reference(implementation, block, density):
+@pytest.mark.parametrize("delay_release", [0, 1])
+def test_gpu_kernels_match_the_reference(implementation, block, density, delay_release):
+    if delay_release and not any(p.startswith(("mosaic_ws", "mosaic_stream"))
+                                 for p in implementation.split(",")):
+        pytest.skip("delay_release applies to the warp-specialized kernels only")
     t, k, n = 1024, 1024, 2048
     x, w, mask, dy = _inputs(t, k, n, block, density, None, jnp.bfloat16, seed=block)
     layout = build_layout(mask)
-    y, vjp = jax.vjp(lambda x, w: block_sparse_matmul(x, w, layout, block=block,
+    tiling = kernel_mgpu.MosaicTiling(delay_release=delay_release)
+    y, vjp = jax.vjp(lambda x, w: block_sparse_matmul(x, w, layout, block=block, mosaic=tiling,
                                                       implementation=implementation), x, w)
     dx, dw = vjp(dy)
     y_ref, dx_ref, dw_ref = _reference_grads(x, w, mask, dy, block)
@@ -296,3 +306,37 @@ def test_the_benchmark_runs_on_cpu_in_interpret_mode(capsys):
     for key in ("sparse_fwd_ms", "sparse_fb_ms", "sparse_dx_ms", "sparse_dw_ms", "xla_dx_ms",
                 "xla_dw_ms"):
         assert rows[0][key] > 0, key
+
+
+def test_the_benchmarks_d1_names_run_the_same_kernels_with_one_wgmma_in_flight():
+    base = kernel_mgpu.MosaicTiling(block_m=64)
+    for name in bench.DELAYED:
+        assert bench.RUNS_AS[f"{name}_d1"] == bench.RUNS_AS[name]
+        assert bench.mosaic_tiling(f"{name}_d1", base) == kernel_mgpu.MosaicTiling(
+            block_m=64, delay_release=1)
+        assert bench.mosaic_tiling(name, base) is base
+
+
+# (Triton's lowering needs a GPU: mosaic_ws's weight grad is the reference here)
+@pytest.mark.parametrize("implementation", ["mosaic_ws,mosaic_ws,xla", "mosaic_stream"])
+@pytest.mark.parametrize("delay_release", [0, 1])
+def test_warp_specialized_kernels_lower_for_cuda_on_this_cpu(implementation, delay_release):
+    """The Pallas -> Mosaic GPU lowering of the warp-specialized products for the CUDA
+    platform, without a GPU: catches what the lowering rejects before GPU time is spent."""
+    t, k, n, block = 1024, 512, 1024, 128
+    x = jax.ShapeDtypeStruct((t, k), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((k, n), jnp.float32)
+    dy = jax.ShapeDtypeStruct((t, n), jnp.bfloat16)
+    layout = build_layout(np.asarray(jax.random.uniform(jax.random.key(1), (k // block,
+                                                                            n // block)) < 0.5))
+    tiling = kernel_mgpu.MosaicTiling(delay_release=delay_release)
+
+    def fb(x, w, dy):
+        y, vjp = jax.vjp(lambda x, w: block_sparse_matmul(
+            x, w.astype(jnp.bfloat16), layout, block=block, mosaic=tiling,
+            implementation=implementation), x, w)
+        return (y, *vjp(dy))
+
+    text = jax.jit(fb).trace(x, w, dy).lower(lowering_platforms=("cuda",)).as_text()
+    mosaic_kernels = 3 if implementation == "mosaic_stream" else 2
+    assert text.count("mosaic_gpu") >= mosaic_kernels

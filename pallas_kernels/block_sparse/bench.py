@@ -15,6 +15,7 @@ Prints speed-ups over XLA dense and the per-non-zero-block efficiency:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 
@@ -42,6 +43,17 @@ RUNS_AS = {"pallas": "pallas" if ON_GPU else "interpret",
                             "mosaic_stream_interpret,mosaic_stream_interpret,interpret",
            # and its weight gradient too (block 128)
            "mosaic_stream_all": "mosaic_stream" if ON_GPU else "mosaic_stream_interpret"}
+# '<name>_d1': the same kernels with one wgmma left in flight per compute warpgroup
+# (MosaicTiling.delay_release=1), to compare with <name> in one run
+DELAYED = ("mosaic_ws", "mosaic_stream", "mosaic_stream_all")
+RUNS_AS |= {f"{name}_d1": RUNS_AS[name] for name in DELAYED}
+
+
+def mosaic_tiling(implementation: str, base: MosaicTiling) -> MosaicTiling:
+    """The Mosaic tiling a bench implementation name asks for."""
+    if implementation.endswith("_d1"):
+        return dataclasses.replace(base, delay_release=1)
+    return base
 
 
 def forward_and_backward(mm, x, w, dy):
@@ -87,7 +99,8 @@ def bench_shape(t: int, k: int, n: int, blocks: list[int], sparsities: list[floa
     for block, implementation in itertools.product(blocks, implementations):
         def sparse_fns(layout):
             def mm(a, b):
-                return block_sparse_matmul(a, b, layout, block=block, mosaic=mosaic,
+                return block_sparse_matmul(a, b, layout, block=block,
+                                           mosaic=mosaic_tiling(implementation, mosaic),
                                            implementation=RUNS_AS[implementation])
 
             fwd = jax.jit(mm)
@@ -236,7 +249,8 @@ def main() -> None:
                         help="of pallas (Triton lowering), mosaic (Mosaic GPU), mosaic_fwd "
                              "(Mosaic forward, Triton gradients), mosaic_ws (warp-specialized "
                              "Mosaic forward and input grad, Triton weight grad), mosaic_stream "
-                             "(mosaic_ws with one ring through all tiles)")
+                             "(mosaic_ws with one ring through all tiles), mosaic_stream_all "
+                             "(and its weight grad); a _d1 suffix keeps one wgmma in flight")
     parser.add_argument("--sweep", action="store_true",
                         help="instead: tune each kernel's tiling at the first shape, 75%% sparse")
     parser.add_argument("--json", default="")

@@ -49,6 +49,11 @@ class MosaicTiling:
     # so the next tile's loads are in flight during this one's epilogue (the per-tile
     # pipeline drains between tiles)
     stream: bool = False
+    # warp-specialized kernels: wgmma's left in flight when a compute warpgroup moves to the
+    # next stage (0: wait for each before releasing its stage; 1: wait for the previous one
+    # only, so issuing the next wgmma overlaps the last one's tail, and a stage is released
+    # one step later), as `delay_release` in JAX's Hopper matmul
+    delay_release: int = 0
 
     @property
     def rows_per_tile(self) -> int:

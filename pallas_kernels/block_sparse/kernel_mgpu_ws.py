@@ -62,11 +62,14 @@ def per_tile(lhs_TxC, w_KxN, table, count, *, block: int, out_cols: int, transpo
             def chunk(step):  # the step-th contracted chunk: its tile from the table
                 return table_gmem[oi, step // chunks] * chunks + step % chunks
 
-            w_spec = (plgpu.BlockSpec((b, bk), lambda s: (0, chunk(s)), transforms=transforms)
+            delay = tiling.delay_release
+            w_spec = (plgpu.BlockSpec((b, bk), lambda s: (0, chunk(s)), transforms=transforms,
+                                      delay_release=delay)
                       if transpose_w else
-                      plgpu.BlockSpec((bk, b), lambda s: (chunk(s), 0), transforms=transforms))
+                      plgpu.BlockSpec((bk, b), lambda s: (chunk(s), 0), transforms=transforms,
+                                      delay_release=delay))
             lhs_spec = plgpu.BlockSpec((cta_m, bk), lambda s: (0, chunk(s)),
-                                       transforms=transforms)
+                                       transforms=transforms, delay_release=delay)
             return plgpu.emit_pipeline_warp_specialized(
                 mma, grid=(count_gmem[oi] * chunks,), memory_registers=MEMORY_REGISTERS,
                 in_specs=[lhs_spec, w_spec], wg_axis="wg", num_compute_wgs=2,
@@ -89,13 +92,16 @@ def per_tile(lhs_TxC, w_KxN, table, count, *, block: int, out_cols: int, transpo
                     mine = lhs_smem.at[pl.ds(wg * bm, bm)]
                     plgpu.wgmma(acc_ref, mine, w_smem.transpose((1, 0)) if transpose_w
                                 else w_smem)
-                    plgpu.wgmma_wait(0)  # the stage is released when this returns
+                    # the stage is released when this returns (delay_release: the previous
+                    # step's stage, whose wgmma this waits for)
+                    plgpu.wgmma_wait(tiling.delay_release)
                     return acc_ref
 
                 def context(run):  # compute warpgroups only: accumulate, then store
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((bm, b)))
                     def _(acc_ref):
                         run(acc_ref)  # no listed tiles: the zero accumulator
+                        plgpu.wgmma_wait(0)  # the last step's wgmma (delay_release)
                         acc = acc_ref[...].astype(out_dtype)
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last tile's store
                         out_smem[wg] = acc
@@ -133,6 +139,9 @@ def _streamed(operands, *, grid: tuple[int, int], a_block: tuple[int, int],
     next completion of its stage."""
     stages = min(tiling.max_concurrent_steps, 3)
     out_dtype = out_shape.dtype
+    if tiling.delay_release not in (0, 1):
+        raise ValueError(f"delay_release must be 0 or 1, got {tiling.delay_release}")
+    delayed = tiling.delay_release == 1
 
     def body(*refs):
         out_gmem = refs[-1]
@@ -178,15 +187,28 @@ def _streamed(operands, *, grid: tuple[int, int], a_block: tuple[int, int],
 
                 def per_tile(i, j, n, g):
                     def accumulate(acc_ref):
-                        def step(_, g):
+                        def step(s, g):
                             slot = jax.lax.rem(g, stages)
                             plgpu.barrier_wait(produced.at[slot])
                             multiply(acc_ref, a_ring.at[slot], b_ring.at[slot], wg)
-                            plgpu.wgmma_wait(0)
-                            plgpu.barrier_arrive(consumed.at[slot])
+                            if delayed:  # this wait covers the previous wgmma: free its stage
+                                plgpu.wgmma_wait(1)
+
+                                @pl.when(s > 0)
+                                def _():
+                                    plgpu.barrier_arrive(consumed.at[jax.lax.rem(g - 1, stages)])
+                            else:
+                                plgpu.wgmma_wait(0)
+                                plgpu.barrier_arrive(consumed.at[slot])
                             return g + 1
 
                         g_end = jax.lax.fori_loop(0, n, step, g)
+                        if delayed:  # the tile's last wgmma, then its stage
+                            plgpu.wgmma_wait(0)
+
+                            @pl.when(n > 0)
+                            def _():
+                                plgpu.barrier_arrive(consumed.at[jax.lax.rem(g_end - 1, stages)])
                         return acc_ref[...], g_end  # no chunks: the zero accumulator
 
                     acc, g = pl.run_scoped(accumulate, plgpu.ACC(acc_shape))
