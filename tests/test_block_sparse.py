@@ -199,6 +199,7 @@ WS_CASES = [
     (256, 256, 384, 64, 0.5, "empty_rows_and_cols", 132),
     (300, 256, 256, 128, 0.5, None, 1),  # one program walks every tile; T padded to 512
     (256, 256, 128, 64, 0.0, None, 2),  # everything pruned: zero accumulators stored
+    (256, 128, 384, 128, 0.0, None, 3),  # block 128 all pruned: no dW item writes anything
 ]
 
 
@@ -340,3 +341,14 @@ def test_warp_specialized_kernels_lower_for_cuda_on_this_cpu(implementation, del
     text = jax.jit(fb).trace(x, w, dy).lower(lowering_platforms=("cuda",)).as_text()
     mosaic_kernels = 3 if implementation == "mosaic_stream" else 2
     assert text.count("mosaic_gpu") >= mosaic_kernels
+
+
+def test_streamed_weight_grad_splits_tokens_only_where_tiles_are_few():
+    from pallas_kernels.block_sparse import kernel_mgpu_ws as ws
+
+    assert ws.token_splits(512, 64, 1024 * 1024) == 16  # 1024x1024 weight at block 128
+    assert ws.token_splits(8, 4, 256 * 256) == 8  # capped by the chunks there are
+    assert ws.token_splits(12, 4, 256 * 256) == 4  # a power of two dividing them
+    assert ws.token_splits(256, 4096, 4096 * 16384) == 1  # many tiles: no split
+    # the fp32 partials stay under the cap: 8 x 4096 x 4096 x 4 bytes = 512 MiB > 256 MiB
+    assert ws.token_splits(512, 16, 4096 * 4096) == 4

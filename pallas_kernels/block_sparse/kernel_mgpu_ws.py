@@ -15,11 +15,14 @@ matmul example (jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py).
   stream    one ring through all of the program's tiles, with hand-written producer and
             consumer loops, so the next tile's loads overlap this tile's epilogue
   weight_grad_stream
-            the weight gradient the same way: per kept b x b tile of dW, chunks of X and dY
-            over all T rows; each compute warpgroup owns half of the tile's rows
+            the weight gradient the same way: work items are (kept b x b tile of dW, range
+            of T), fp32 partials summed by XLA; each compute warpgroup owns half of the
+            tile's rows
 
-Interpret-mode tests run these with the interpreter's race detector on. None of the stream
-kernels has run on a GPU yet (2026-11-30): measure before choosing them.
+Interpret-mode tests run these with the interpreter's race detector on. On the H200
+(2026-11-30, docs/BENCHMARKS.md) `stream` is the fastest forward and input grad at
+16384x4096x16384; the first weight_grad_stream (every tile, no token split) lost to
+Triton's split-K, and its kept-tiles, split-K successor here has not run on a GPU yet.
 
 Shared memory: 3 stages of (2 block_m x 64 + 64 x b) bf16, plus a (2, block_m, b) epilogue
 buffer: 208 KiB at block_m = b = 128, under the H100/H200's 227 KiB.
@@ -134,6 +137,7 @@ def _streamed(operands, *, grid: tuple[int, int], a_block: tuple[int, int],
       sources(i, j, s)      the GMEM slices of chunk s, for the a and b rings
       multiply(acc, a, b, wg)  warpgroup wg's wgmma of one stage into its accumulator
       destination(i, j, wg) where warpgroup wg's acc_shape part of the tile goes
+      writes(i, j)          optional (a 5th entry): whether the tile is stored at all
     Stage g % stages is refilled once both compute warpgroups released its previous
     contents; barrier phases are tracked per waiting thread, so every wait pairs with the
     next completion of its stage."""
@@ -145,7 +149,7 @@ def _streamed(operands, *, grid: tuple[int, int], a_block: tuple[int, int],
 
     def body(*refs):
         out_gmem = refs[-1]
-        steps, sources, multiply, destination = plan(*refs[:-1])
+        steps, sources, multiply, destination, *writes = plan(*refs[:-1])
         wg = jax.lax.axis_index("wg")
 
         def tiles(per_tile):  # every thread walks the same tiles, carrying the step count g
@@ -212,10 +216,18 @@ def _streamed(operands, *, grid: tuple[int, int], a_block: tuple[int, int],
                         return acc_ref[...], g_end  # no chunks: the zero accumulator
 
                     acc, g = pl.run_scoped(accumulate, plgpu.ACC(acc_shape))
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last tile's store
-                    out_smem[wg] = acc.astype(out_dtype)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(out_smem.at[wg], destination(out_gmem, i, j, wg))
+
+                    def store():
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last tile's store
+                        out_smem[wg] = acc.astype(out_dtype)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(out_smem.at[wg],
+                                                destination(out_gmem, i, j, wg))
+
+                    if writes:
+                        pl.when(writes[0](i, j))(store)
+                    else:
+                        store()
                     return g
 
                 tiles(per_tile)
@@ -270,38 +282,77 @@ def stream(lhs_TxC, w_KxN, table, count, *, block: int, out_cols: int, transpose
         tiling=tiling, interpret=interpret, plan=plan)
 
 
+# Token ranges of the streamed weight gradient: enough work items for every SM when about a
+# quarter of the tiles are kept (75% sparse), within a cap on the fp32 partials.
+TARGET_ITEMS = 4 * 264
+MAX_PARTIALS_BYTES = 256 * 2**20
+
+
+def token_splits(chunks: int, tiles: int, weight_elements: int) -> int:
+    """A power of two dividing `chunks` (T / bt), at most TARGET_ITEMS / tiles."""
+    want = max(1, TARGET_ITEMS // tiles)
+    splits = 1
+    while (splits * 2 <= min(want, chunks) and chunks % (splits * 2) == 0
+           and splits * 2 * weight_elements * 4 <= MAX_PARTIALS_BYTES):
+        splits *= 2
+    return splits
+
+
 def weight_grad_stream(x_TxK, dy_TxN, block_mask, *, block: int, out_dtype,
                        tiling: k.MosaicTiling, interpret: bool) -> jax.Array:
-    """dW = X^T dY on kept b x b tiles, zeros on pruned ones, streamed (_streamed).
+    """dW = X^T dY on kept b x b tiles, zeros on pruned ones, streamed (_streamed) and split
+    over tokens, as the Triton kernel's split-K: a 1024x1024 weight at 75% has 16 kept
+    tiles for 132 SMs.
 
-    Per tile (ki, ni) the ring carries bt-row chunks of X[:, ki] and dY[:, ni] over all T
-    rows (none for a pruned tile); compute warpgroup w accumulates rows w b/2 .. (w+1) b/2
-    of the tile (wgmma M = 64 at b = 128). Block 128 only: at 64 a half tile is below
-    wgmma's 64 rows."""
+    Work items are (p, s): the p-th kept tile (kept tiles listed first, row-major) and the
+    s-th of `splits` ranges of T. Per item the ring carries bt-row chunks of X[:, ki] and
+    dY[:, ni] over its range; compute warpgroup w accumulates rows w b/2 .. (w+1) b/2 of the
+    tile (wgmma M = 64 at b = 128) and stores an fp32 partial. Items past the kept count do
+    nothing. XLA then sums the ranges and zeroes the pruned tiles, which no item writes.
+    Block 128 only: at 64 a half tile is below wgmma's 64 rows."""
     t, kdim = x_TxK.shape
     n = dy_TxN.shape[1]
     b, bt = block, tiling.block_k
     half = b // 2
+    nk, nn = kdim // b, n // b
+    chunks = t // bt
+    splits = token_splits(chunks, nk * nn, kdim * n)
+    per_split = chunks // splits
+    flat = block_mask.reshape(-1) != 0
+    index = jnp.arange(nk * nn, dtype=jnp.int32)
+    kept = jnp.argsort(jnp.where(flat, index, index + nk * nn)).astype(jnp.int32)  # kept first
+    count = flat.sum(dtype=jnp.int32).reshape(1)
 
-    def plan(mask_gmem, x_gmem, dy_gmem):
-        def sources(ki, ni, s):
-            rows = pl.ds(s * bt, bt)
+    def plan(kept_gmem, count_gmem, x_gmem, dy_gmem):
+        def tile(p):
+            return kept_gmem[p] // nn, kept_gmem[p] % nn
+
+        def live(p, _):
+            return p < count_gmem[0]
+
+        def steps(p, s):
+            return jnp.where(live(p, s), per_split, 0)
+
+        def sources(p, s, c):
+            ki, ni = tile(p)
+            rows = pl.ds((s * per_split + c) * bt, bt)
             return x_gmem.at[rows, pl.ds(ki * b, b)], dy_gmem.at[rows, pl.ds(ni * b, b)]
 
         def multiply(acc_ref, x_stage, dy_stage, wg):
             mine = x_stage.at[:, pl.ds(wg * half, half)]
             plgpu.wgmma(acc_ref, mine.transpose((1, 0)), dy_stage)
 
-        def destination(out_gmem, ki, ni, wg):
-            return out_gmem.at[pl.ds(ki * b + wg * half, half), pl.ds(ni * b, b)]
+        def destination(out_gmem, p, s, wg):
+            ki, ni = tile(p)
+            return out_gmem.at[s, pl.ds(ki * b + wg * half, half), pl.ds(ni * b, b)]
 
-        def steps(ki, ni):
-            return jnp.where(mask_gmem[ki, ni] != 0, t // bt, 0)
+        return steps, sources, multiply, destination, live
 
-        return steps, sources, multiply, destination
-
-    return _streamed(
-        (block_mask, x_TxK, dy_TxN), grid=(kdim // b, n // b), a_block=(bt, b),
+    partials = _streamed(
+        (kept, count, x_TxK, dy_TxN), grid=(nk * nn, splits), a_block=(bt, b),
         b_block=(bt, b), acc_shape=(half, b),
-        out_shape=jax.ShapeDtypeStruct((kdim, n), out_dtype), dtype=x_TxK.dtype,
+        out_shape=jax.ShapeDtypeStruct((splits, kdim, n), jnp.float32), dtype=x_TxK.dtype,
         tiling=tiling, interpret=interpret, plan=plan)
+    tiles = partials.sum(axis=0).reshape(nk, b, nn, b)
+    keep = (block_mask != 0)[:, None, :, None]
+    return jnp.where(keep, tiles, 0).reshape(kdim, n).astype(out_dtype)
