@@ -59,12 +59,12 @@ def _reference_grads(q, k, v, mask, do, block, causal):
     return run(up(q), up(k), up(v), mask, up(do))
 
 
-def _grads(q, k, v, mask_or_layout, do, block, causal, implementation):
+def _grads(q, k, v, mask_or_layout, do, block, causal, implementation, mosaic=None):
     @jax.jit
     def run(q, k, v, do):
         def f(q, k, v):
             return block_sparse_attention(q, k, v, mask_or_layout, block=block, causal=causal,
-                                          implementation=implementation)
+                                          implementation=implementation, mosaic=mosaic)
         o, vjp = jax.vjp(f, q, k, v)
         return (o, *vjp(do))
 
@@ -263,6 +263,24 @@ def test_gpu_kernels_match_the_reference(implementation, block, d, hkv):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("block, d", [(64, 64), (128, 128)])
+@pytest.mark.parametrize("hkv", [4, 1])
+def test_gpu_mosaic_backward_in_place_matches_the_reference(block, d, hkv):
+    """backward_in_place: dQ, dK, dV accumulate in the wgmma accumulators; on the GPU the
+    waits before freeing K, Q, dO and the P/dS buffer are real (the interpreter runs wgmma
+    synchronously), so this is where a missing wait would show."""
+    b, t, h = 2, 1024, 4
+    q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=block + d + hkv + 1)
+    mask = _mask(jax.random.key(block + hkv + 1), "per_head", b, h, t // block, 0.4)
+    tiling = kernel_mgpu.MosaicAttentionTiling(backward_in_place=True)
+    ours = _grads(q, k, v, mask, do, block, True, "mosaic", mosaic=tiling)
+    refs = _reference_grads(q, k, v, mask, do, block, True)
+    for name, a, r in zip(("o", "dq", "dk", "dv"), ours, refs):
+        assert not np.any(np.isnan(np.asarray(a, np.float32))), name
+        assert _relative_error(a, r) < 2e-2, name
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("implementation", GPU_IMPLEMENTATIONS)
 @pytest.mark.parametrize("block", [64, 128])
 def test_gpu_dense_pattern_matches_cudnn(implementation, block):
@@ -277,6 +295,9 @@ def test_gpu_dense_pattern_matches_cudnn(implementation, block):
 
 def test_the_benchmark_runs_on_cpu_in_interpret_mode():
     from pallas_kernels.block_sparse_attention import bench
+
+    assert bench.RUNS_AS["mosaic_acc"] == bench.RUNS_AS["mosaic"]
+    assert bench.TILINGS["mosaic_acc"].backward_in_place
 
     mask = bench.random_causal_mask(0, 16, 0.75)
     assert np.all(np.diag(mask)) and not np.triu(mask, 1).any()
@@ -309,15 +330,17 @@ MOSAIC_CASES = [
 ]
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["fresh_acc", "in_place"])
 @pytest.mark.parametrize("case", MOSAIC_CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}-{c[3]}"
                          f"-b{c[5]}-d{c[6]}-{c[7]}-{'causal' if c[8] else 'full'}-ring{c[9]}")
-def test_mosaic_kernels_in_interpret_mode_match_the_reference(case):
+def test_mosaic_kernels_in_interpret_mode_match_the_reference(case, in_place):
     """Forward, dQ and dK/dV of the Mosaic GPU kernels, run by Mosaic GPU's interpreter, on
-    fresh random bf16 data against jax.vjp of the fp32 reference."""
+    fresh random bf16 data against jax.vjp of the fp32 reference; the backward both with a
+    fresh accumulator per product and accumulating in place (backward_in_place)."""
     b, t, h, hkv, d, block, density, kind, causal, ring = case
     q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=sum(case[:6]))
     mask = _mask(jax.random.key(t + h + block), kind, b, h, t // block, density)
-    tiling = kernel_mgpu.MosaicAttentionTiling(ring, ring, ring)
+    tiling = kernel_mgpu.MosaicAttentionTiling(ring, ring, ring, backward_in_place=in_place)
 
     @jax.jit
     def run(q, k, v, do):
@@ -354,8 +377,9 @@ def test_one_implementation_per_pass_matches_the_reference():
         assert _relative_error(a, r) < 1e-2, name
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["fresh_acc", "in_place"])
 @pytest.mark.parametrize("block, d", [(64, 64), (128, 128)])
-def test_mosaic_kernels_lower_for_cuda_on_this_cpu(block, d):
+def test_mosaic_kernels_lower_for_cuda_on_this_cpu(block, d, in_place):
     """The Pallas -> Mosaic GPU lowering of forward and backward, for the CUDA platform,
     without a GPU: catches what the lowering rejects (shapes, layouts, wgmma operands)."""
     b, t, h, hkv = 2, 1024, 4, 2
@@ -365,7 +389,8 @@ def test_mosaic_kernels_lower_for_cuda_on_this_cpu(block, d):
 
     def fb(q, k, v, do):
         o, vjp = jax.vjp(lambda q, k, v: block_sparse_attention(
-            q, k, v, mask, block=block, implementation="mosaic"), q, k, v)
+            q, k, v, mask, block=block, implementation="mosaic",
+            mosaic=kernel_mgpu.MosaicAttentionTiling(backward_in_place=in_place)), q, k, v)
         return (o, *vjp(do))
 
     text = jax.jit(fb).trace(q, kv, kv, q).lower(lowering_platforms=("cuda",)).as_text()

@@ -45,7 +45,10 @@ PALLAS = "pallas" if ON_GPU else "interpret"  # on CPU the interpreter stands in
 RUNS_AS = {"pallas": PALLAS,
            "mosaic": "mosaic" if ON_GPU else "mosaic_interpret",
            # forward on Mosaic GPU, dQ and dK/dV on Triton (api: one per pass)
-           "mosaic_fwd": "mosaic,pallas" if ON_GPU else "mosaic_interpret,interpret"}
+           "mosaic_fwd": "mosaic,pallas" if ON_GPU else "mosaic_interpret,interpret",
+           # Mosaic throughout, the backward accumulating dQ, dK, dV in place
+           "mosaic_acc": "mosaic" if ON_GPU else "mosaic_interpret"}
+TILINGS = {"mosaic_acc": MosaicAttentionTiling(backward_in_place=True)}  # others: defaults
 
 
 def random_causal_mask(seed: int, n: int, sparsity: float) -> np.ndarray:
@@ -95,10 +98,11 @@ def bench_seq(t: int, batch: int, heads: int, kv_heads: int, head_dim: int, bloc
     for block, name in itertools.product(blocks, implementations):
         n = t // block
 
-        def sparse(mask, implementation=RUNS_AS[name], block=block):
+        def sparse(mask, implementation=RUNS_AS[name], block=block, tiling=TILINGS.get(name)):
             layout = build_layout(mask)  # numpy tables: constants of the jitted function
             return lambda q, k, v: block_sparse_attention(q, k, v, layout, block=block,
-                                                          implementation=implementation)
+                                                          implementation=implementation,
+                                                          mosaic=tiling)
 
         try:
             p_dense = _timed(sparse(causal_block_mask(n)), args, reps)

@@ -21,7 +21,9 @@ shared memory into an SS wgmma, since the interpreter's wgmma takes no register 
 feeds P from registers); and every product lands in a fresh zero accumulator added to the
 carry (`matmul`), since the interpreter has no rule for run_state_p or for storing into an
 accumulator (FA3 accumulates in place). Both cost speed, not correctness; they are the first
-thing to revisit with a GPU at hand. Not done either: FA3's ping-pong schedule barrier
+thing to revisit with a GPU at hand. The backward's sums need no rescaling, and the
+interpreter does run a wgmma accumulating into an accumulator carried through the pipeline:
+`MosaicAttentionTiling.backward_in_place` does that for dQ, dK and dV (not yet measured). Not done either: FA3's ping-pong schedule barrier
 between the two consumer warpgroups, and a persistent grid.
 
 A row block with no kept tile runs zero steps: its accumulator and running sum stay 0, so
@@ -54,6 +56,10 @@ class MosaicAttentionTiling:
     forward_steps: int = 2
     dq_steps: int = 2
     dkdv_steps: int = 2
+    # backward: dQ, dK and dV accumulate in place in wgmma accumulators through the pipeline
+    # (no per-step zero accumulator, register copy and add); the interpreter runs this form,
+    # since these sums need no rescaling (the forward's O does, so it keeps `matmul`)
+    backward_in_place: bool = False
 
 
 def transforms(dtype) -> tuple:

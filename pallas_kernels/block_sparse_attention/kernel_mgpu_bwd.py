@@ -39,7 +39,8 @@ from pallas_kernels.block_sparse_attention.kernel_mgpu import (
 )
 
 
-def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_flight):
+def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_flight,
+        in_place=False):
     b, t, h, d = q.shape
     group = h // k.shape[2]
     wgs = block // ROWS
@@ -60,7 +61,11 @@ def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_fl
             plgpu.copy_gmem_to_smem(lse_ref.at[stats], lse_smem2.at[wg], loaded.at[wg])
             plgpu.copy_gmem_to_smem(delta_ref.at[stats], delta_smem2.at[wg], loaded.at[wg])
             plgpu.barrier_wait(loaded.at[wg])
-            dq = pipeline(jnp.zeros((ROWS, d), jnp.float32))
+            if in_place:
+                dq = pl.run_scoped(lambda acc: pipeline(acc)[...],
+                                   plgpu.ACC((ROWS, d), jnp.float32))
+            else:
+                dq = pipeline(jnp.zeros((ROWS, d), jnp.float32))
             q_smem[...] = (dq * scale).astype(q_smem.dtype)  # Q is no longer needed
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
@@ -76,7 +81,11 @@ def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_fl
             plgpu.barrier_arrive(v_consumed)
             ds = p * (dp - delta_smem2.at[wg][...][:, None])
             stage(ds_smem, ds)
-            dq = dq + matmul(ds_smem, k_smem, (ROWS, d))
+            if in_place:  # dq is the accumulator itself
+                plgpu.wgmma(dq, ds_smem, k_smem)
+                plgpu.wgmma_wait(0)  # it read K and dS: then K's slot and dS's buffer are free
+            else:
+                dq = dq + matmul(ds_smem, k_smem, (ROWS, d))
             plgpu.barrier_arrive(k_consumed)
             return dq
 
@@ -102,7 +111,8 @@ def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_fl
         layout.q_table, layout.q_count, layout.diagonal, q, k, v, do, lse, delta)
 
 
-def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_flight):
+def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_flight,
+          in_place=False):
     """(dK, dV) per query head: B x T x H x D each, in q's dtype."""
     b, t, h, d = q.shape
     group = h // k.shape[2]
@@ -122,8 +132,16 @@ def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, loaded.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, loaded.at[wg])
             plgpu.barrier_wait(loaded.at[wg])
-            zeros = jnp.zeros((ROWS, d), jnp.float32)
-            dk, dv = pipeline((zeros, zeros))
+            if in_place:
+                def accumulate(dk_acc, dv_acc):
+                    dk_ref, dv_ref = pipeline((dk_acc, dv_acc))
+                    return dk_ref[...], dv_ref[...]
+
+                acc = plgpu.ACC((ROWS, d), jnp.float32)
+                dk, dv = pl.run_scoped(accumulate, acc, acc)
+            else:
+                zeros = jnp.zeros((ROWS, d), jnp.float32)
+                dk, dv = pipeline((zeros, zeros))
             k_smem[...] = (dk * scale).astype(k_smem.dtype)  # K and V are no longer needed
             v_smem[...] = dv.astype(v_smem.dtype)
             plgpu.commit_smem()
@@ -143,13 +161,22 @@ def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_
             p = jnp.exp2(s - lse_smem[...][None, :])
             plgpu.barrier_arrive(lse_consumed)
             stage(p_smem, p)
-            dv = dv + matmul(p_smem, do_smem, (ROWS, d))
+            if in_place:  # dk and dv are the accumulators themselves
+                plgpu.wgmma(dv, p_smem, do_smem)
+            else:
+                dv = dv + matmul(p_smem, do_smem, (ROWS, d))
             dp = matmul(v_smem, do_smem.transpose((1, 0)), (ROWS, block))
+            if in_place:
+                plgpu.wgmma_wait(0)  # the dV wgmma read dO and P: both are free now
             plgpu.barrier_arrive(do_consumed)
             ds = p * (dp - delta_smem[...][None, :])
             plgpu.barrier_arrive(delta_consumed)
-            stage(p_smem, ds)  # the dV wgmma that read P has completed (its result was read)
-            dk = dk + matmul(p_smem, q_smem, (ROWS, d))
+            stage(p_smem, ds)  # the dV wgmma that read P has completed
+            if in_place:
+                plgpu.wgmma(dk, p_smem, q_smem)
+                plgpu.wgmma_wait(0)  # it read Q and dS: then Q's slot and the buffer are free
+            else:
+                dk = dk + matmul(p_smem, q_smem, (ROWS, d))
             plgpu.barrier_arrive(q_consumed)
             return dk, dv
 
@@ -184,6 +211,7 @@ def backward(q, k, v, o, lse, do, layout, *, block: int, scale: float, interpret
     tiling = tiling or MosaicAttentionTiling()
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     common = {"block": block, "scale": scale, "interpret": interpret}
+    common["in_place"] = tiling.backward_in_place
     dq = _dq(q, k, v, do, lse, delta, layout, steps_in_flight=tiling.dq_steps, **common)
     dk, dv = _dkdv(q, k, v, do, lse, delta, layout, steps_in_flight=tiling.dkdv_steps,
                    **common)
