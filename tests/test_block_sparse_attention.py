@@ -263,16 +263,17 @@ def test_gpu_kernels_match_the_reference(implementation, block, d, hkv):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("overlap", [False, True], ids=["in_place", "overlap"])
 @pytest.mark.parametrize("block, d", [(64, 64), (128, 128)])
 @pytest.mark.parametrize("hkv", [4, 1])
-def test_gpu_mosaic_backward_in_place_matches_the_reference(block, d, hkv):
+def test_gpu_mosaic_backward_in_place_matches_the_reference(block, d, hkv, overlap):
     """backward_in_place: dQ, dK, dV accumulate in the wgmma accumulators; on the GPU the
     waits before freeing K, Q, dO and the P/dS buffer are real (the interpreter runs wgmma
     synchronously), so this is where a missing wait would show."""
     b, t, h = 2, 1024, 4
     q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=block + d + hkv + 1)
     mask = _mask(jax.random.key(block + hkv + 1), "per_head", b, h, t // block, 0.4)
-    tiling = kernel_mgpu.MosaicAttentionTiling(backward_in_place=True)
+    tiling = kernel_mgpu.MosaicAttentionTiling(backward_in_place=True, backward_overlap=overlap)
     ours = _grads(q, k, v, mask, do, block, True, "mosaic", mosaic=tiling)
     refs = _reference_grads(q, k, v, mask, do, block, True)
     for name, a, r in zip(("o", "dq", "dk", "dv"), ours, refs):
@@ -330,17 +331,26 @@ MOSAIC_CASES = [
 ]
 
 
-@pytest.mark.parametrize("in_place", [False, True], ids=["fresh_acc", "in_place"])
+# the backward's forms: (backward_in_place, backward_overlap)
+BACKWARD_FORMS = {"fresh_acc": (False, False), "in_place": (True, False), "overlap": (True, True)}
+
+
+# in_place alone is the slow suite's: overlap runs the same accumulators plus its own order
+@pytest.mark.parametrize("form", [pytest.param(f, marks=pytest.mark.slow) if f == "in_place"
+                                  else f for f in BACKWARD_FORMS])
 @pytest.mark.parametrize("case", MOSAIC_CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}-{c[3]}"
                          f"-b{c[5]}-d{c[6]}-{c[7]}-{'causal' if c[8] else 'full'}-ring{c[9]}")
-def test_mosaic_kernels_in_interpret_mode_match_the_reference(case, in_place):
+def test_mosaic_kernels_in_interpret_mode_match_the_reference(case, form):
     """Forward, dQ and dK/dV of the Mosaic GPU kernels, run by Mosaic GPU's interpreter, on
-    fresh random bf16 data against jax.vjp of the fp32 reference; the backward both with a
-    fresh accumulator per product and accumulating in place (backward_in_place)."""
+    fresh random bf16 data against jax.vjp of the fp32 reference; the backward with a fresh
+    accumulator per product, accumulating in place, and in place with S and dP issued
+    together."""
     b, t, h, hkv, d, block, density, kind, causal, ring = case
     q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=sum(case[:6]))
     mask = _mask(jax.random.key(t + h + block), kind, b, h, t // block, density)
-    tiling = kernel_mgpu.MosaicAttentionTiling(ring, ring, ring, backward_in_place=in_place)
+    in_place, overlap = BACKWARD_FORMS[form]
+    tiling = kernel_mgpu.MosaicAttentionTiling(ring, ring, ring, backward_in_place=in_place,
+                                               backward_overlap=overlap)
 
     @jax.jit
     def run(q, k, v, do):
@@ -377,9 +387,9 @@ def test_one_implementation_per_pass_matches_the_reference():
         assert _relative_error(a, r) < 1e-2, name
 
 
-@pytest.mark.parametrize("in_place", [False, True], ids=["fresh_acc", "in_place"])
+@pytest.mark.parametrize("form", BACKWARD_FORMS)
 @pytest.mark.parametrize("block, d", [(64, 64), (128, 128)])
-def test_mosaic_kernels_lower_for_cuda_on_this_cpu(block, d, in_place):
+def test_mosaic_kernels_lower_for_cuda_on_this_cpu(block, d, form):
     """The Pallas -> Mosaic GPU lowering of forward and backward, for the CUDA platform,
     without a GPU: catches what the lowering rejects (shapes, layouts, wgmma operands)."""
     b, t, h, hkv = 2, 1024, 4, 2
@@ -390,7 +400,7 @@ def test_mosaic_kernels_lower_for_cuda_on_this_cpu(block, d, in_place):
     def fb(q, k, v, do):
         o, vjp = jax.vjp(lambda q, k, v: block_sparse_attention(
             q, k, v, mask, block=block, implementation="mosaic",
-            mosaic=kernel_mgpu.MosaicAttentionTiling(backward_in_place=in_place)), q, k, v)
+            mosaic=kernel_mgpu.MosaicAttentionTiling(2, 2, 2, *BACKWARD_FORMS[form])), q, k, v)
         return (o, *vjp(do))
 
     text = jax.jit(fb).trace(q, kv, kv, q).lower(lowering_platforms=("cuda",)).as_text()

@@ -23,7 +23,8 @@ carry (`matmul`), since the interpreter has no rule for run_state_p or for stori
 accumulator (FA3 accumulates in place). Both cost speed, not correctness; they are the first
 thing to revisit with a GPU at hand. The backward's sums need no rescaling, and the
 interpreter does run a wgmma accumulating into an accumulator carried through the pipeline:
-`MosaicAttentionTiling.backward_in_place` does that for dQ, dK and dV (not yet measured). Not done either: FA3's ping-pong schedule barrier
+`MosaicAttentionTiling.backward_in_place` does that for dQ, dK and dV, and
+`backward_overlap` overlaps each step's softmax math with its dP wgmma (not yet measured). Not done either: FA3's ping-pong schedule barrier
 between the two consumer warpgroups, and a persistent grid.
 
 A row block with no kept tile runs zero steps: its accumulator and running sum stay 0, so
@@ -60,6 +61,9 @@ class MosaicAttentionTiling:
     # (no per-step zero accumulator, register copy and add); the interpreter runs this form,
     # since these sums need no rescaling (the forward's O does, so it keeps `matmul`)
     backward_in_place: bool = False
+    # with backward_in_place: each step issues its two independent products (S and dP) back
+    # to back, and computes P (and, in dK/dV, starts dV += P^T dO) while dP's wgmma runs
+    backward_overlap: bool = False
 
 
 def transforms(dtype) -> tuple:

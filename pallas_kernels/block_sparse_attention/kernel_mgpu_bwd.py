@@ -39,8 +39,23 @@ from pallas_kernels.block_sparse_attention.kernel_mgpu import (
 )
 
 
+def _two_products(a1, b1, a2, b2, shape, on_first):
+    """a1 @ b1 and a2 @ b2, issued back to back into fresh accumulators; `on_first` runs on
+    the first result while the second wgmma is still in flight. (on_first(...), second)."""
+    def scope(acc1, acc2):
+        plgpu.wgmma(acc1, a1, b1)
+        plgpu.wgmma(acc2, a2, b2)
+        plgpu.wgmma_wait(1)  # the first group is done
+        out = on_first(acc1[...])
+        plgpu.wgmma_wait(0)  # the second, and any wgmma on_first issued
+        return out, acc2[...]
+
+    acc = plgpu.ACC(shape, jnp.float32)
+    return pl.run_scoped(scope, acc, acc)
+
+
 def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_flight,
-        in_place=False):
+        in_place=False, overlap=False):
     b, t, h, d = q.shape
     group = h // k.shape[2]
     wgs = block // ROWS
@@ -73,11 +88,19 @@ def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_fl
 
         def step(indices, k_smem, v_smem, k_consumed, v_consumed, dq):
             q_smem, do_smem, ds_smem = q_smem2.at[wg], do_smem2.at[wg], ds_smem2.at[wg]
-            s = matmul(q_smem, k_smem.transpose((1, 0)), (ROWS, block)) * qk_scale
-            if layout.causal:
-                s = causal_mask(s, indices[0] == count, wg * ROWS, transposed=False)
-            p = jnp.exp2(s - lse_smem2.at[wg][...][:, None])
-            dp = matmul(do_smem, v_smem.transpose((1, 0)), (ROWS, block))
+
+            def probabilities(s):
+                s = s * qk_scale
+                if layout.causal:
+                    s = causal_mask(s, indices[0] == count, wg * ROWS, transposed=False)
+                return jnp.exp2(s - lse_smem2.at[wg][...][:, None])
+
+            if overlap:  # P is computed while dO V^T runs
+                p, dp = _two_products(q_smem, k_smem.transpose((1, 0)), do_smem,
+                                      v_smem.transpose((1, 0)), (ROWS, block), probabilities)
+            else:
+                p = probabilities(matmul(q_smem, k_smem.transpose((1, 0)), (ROWS, block)))
+                dp = matmul(do_smem, v_smem.transpose((1, 0)), (ROWS, block))
             plgpu.barrier_arrive(v_consumed)
             ds = p * (dp - delta_smem2.at[wg][...][:, None])
             stage(ds_smem, ds)
@@ -112,7 +135,7 @@ def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_fl
 
 
 def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_flight,
-          in_place=False):
+          in_place=False, overlap=False):
     """(dK, dV) per query head: B x T x H x D each, in q's dtype."""
     b, t, h, d = q.shape
     group = h // k.shape[2]
@@ -155,22 +178,36 @@ def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_
             dk, dv = carry
             k_smem, v_smem, p_smem = k_smem2.at[wg], v_smem2.at[wg], p_smem2.at[wg]
             # transposed: rows are this warpgroup's keys, columns the tile's queries
-            s = matmul(k_smem, q_smem.transpose((1, 0)), (ROWS, block)) * qk_scale
-            if layout.causal:
-                s = causal_mask(s, indices[0] == count, wg * ROWS, transposed=True)
-            p = jnp.exp2(s - lse_smem[...][None, :])
-            plgpu.barrier_arrive(lse_consumed)
-            stage(p_smem, p)
-            if in_place:  # dk and dv are the accumulators themselves
+            def probabilities(s):  # P^T, staged for the dV product
+                s = s * qk_scale
+                if layout.causal:
+                    s = causal_mask(s, indices[0] == count, wg * ROWS, transposed=True)
+                p = jnp.exp2(s - lse_smem[...][None, :])
+                plgpu.barrier_arrive(lse_consumed)
+                stage(p_smem, p)
+                return p
+
+            if overlap:  # P while V dO^T runs; then dV += P^T dO while dS is computed
+                # (a wgmma into the carried dV inside _two_products' scope does not lower)
+                p, dp = _two_products(k_smem, q_smem.transpose((1, 0)), v_smem,
+                                      do_smem.transpose((1, 0)), (ROWS, block), probabilities)
                 plgpu.wgmma(dv, p_smem, do_smem)
-            else:
-                dv = dv + matmul(p_smem, do_smem, (ROWS, d))
-            dp = matmul(v_smem, do_smem.transpose((1, 0)), (ROWS, block))
-            if in_place:
+                ds = p * (dp - delta_smem[...][None, :])
+                plgpu.barrier_arrive(delta_consumed)
                 plgpu.wgmma_wait(0)  # the dV wgmma read dO and P: both are free now
-            plgpu.barrier_arrive(do_consumed)
-            ds = p * (dp - delta_smem[...][None, :])
-            plgpu.barrier_arrive(delta_consumed)
+                plgpu.barrier_arrive(do_consumed)
+            else:
+                p = probabilities(matmul(k_smem, q_smem.transpose((1, 0)), (ROWS, block)))
+                if in_place:  # dk and dv are the accumulators themselves
+                    plgpu.wgmma(dv, p_smem, do_smem)
+                else:
+                    dv = dv + matmul(p_smem, do_smem, (ROWS, d))
+                dp = matmul(v_smem, do_smem.transpose((1, 0)), (ROWS, block))
+                if in_place:
+                    plgpu.wgmma_wait(0)  # the dV wgmma read dO and P: both are free now
+                plgpu.barrier_arrive(do_consumed)
+                ds = p * (dp - delta_smem[...][None, :])
+                plgpu.barrier_arrive(delta_consumed)
             stage(p_smem, ds)  # the dV wgmma that read P has completed
             if in_place:
                 plgpu.wgmma(dk, p_smem, q_smem)
@@ -211,7 +248,9 @@ def backward(q, k, v, o, lse, do, layout, *, block: int, scale: float, interpret
     tiling = tiling or MosaicAttentionTiling()
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     common = {"block": block, "scale": scale, "interpret": interpret}
-    common["in_place"] = tiling.backward_in_place
+    if tiling.backward_overlap and not tiling.backward_in_place:
+        raise ValueError("MosaicAttentionTiling.backward_overlap needs backward_in_place")
+    common |= {"in_place": tiling.backward_in_place, "overlap": tiling.backward_overlap}
     dq = _dq(q, k, v, do, lse, delta, layout, steps_in_flight=tiling.dq_steps, **common)
     dk, dv = _dkdv(q, k, v, do, lse, delta, layout, steps_in_flight=tiling.dkdv_steps,
                    **common)
