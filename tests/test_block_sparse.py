@@ -316,6 +316,12 @@ def test_the_benchmarks_d1_names_run_the_same_kernels_with_one_wgmma_in_flight()
         assert bench.mosaic_tiling(f"{name}_d1", base) == kernel_mgpu.MosaicTiling(
             block_m=64, delay_release=1)
         assert bench.mosaic_tiling(name, base) is base
+    # --sweep's warp-specialized candidates: distinct, both release delays, every tile order
+    candidates = bench.mosaic_candidates("mosaic_ws")
+    assert len(set(candidates)) == len(candidates) == 16
+    assert {c.delay_release for c in candidates} == {0, 1}
+    assert {c.grid_block_n for c in candidates} == {1, 2, 4, 8}
+    assert all(c.max_concurrent_steps <= 3 for c in candidates)  # shared memory: 3 stages
 
 
 # (Triton's lowering needs a GPU: mosaic_ws's weight grad is the reference here)

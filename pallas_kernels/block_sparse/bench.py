@@ -186,8 +186,20 @@ def sweep(t: int, k: int, n: int, block: int, sparsity: float, reps: int) -> Til
     return Tilings(**best)
 
 
+def mosaic_candidates(name: str) -> list[MosaicTiling]:
+    """The tilings `--sweep` tries for a Mosaic implementation name."""
+    if name == "mosaic":
+        return [MosaicTiling(block_m=block_m, max_concurrent_steps=steps, grid_block_n=grid)
+                for block_m, steps, grid in itertools.product((64, 128), (2, 3, 4, 5), (1, 2, 4))]
+    # warp-specialized: 2 x 128-row tiles, at most 3 stages fit; the sweep is tile order (L2
+    # reuse), ring depth and wgmma's left in flight
+    return [MosaicTiling(max_concurrent_steps=steps, grid_block_n=grid, delay_release=delay)
+            for steps, grid, delay in itertools.product((2, 3), (1, 2, 4, 8), (0, 1))
+            if delay < steps]
+
+
 def sweep_mosaic(t: int, k: int, n: int, block: int, sparsity: float,
-                 reps: int) -> MosaicTiling:
+                 reps: int, name: str = "mosaic") -> MosaicTiling:
     """Forward + backward over Mosaic tilings at one shape and sparsity; returns the fastest."""
     keys = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(keys[0], (t, k), jnp.bfloat16)
@@ -196,12 +208,10 @@ def sweep_mosaic(t: int, k: int, n: int, block: int, sparsity: float,
     layout = build_layout(random_mask(keys[3], (k // block, n // block), 1 - sparsity))
     flops = 3 * 2 * t * k * n * float(layout.block_mask.mean())
     timings = []
-    for block_m, steps, grid in itertools.product((64, 128), (2, 3, 4, 5), (1, 2, 4)):
-        tiling = MosaicTiling(block_m=block_m, max_concurrent_steps=steps, grid_block_n=grid)
-
+    for tiling in mosaic_candidates(name):
         def mm(a, b, tiling=tiling):
             return block_sparse_matmul(a, b, layout, block=block, mosaic=tiling,
-                                       implementation=RUNS_AS["mosaic"])
+                                       implementation=RUNS_AS[name])
 
         fb = jax.jit(lambda a, b, g, mm=mm: forward_and_backward(mm, a, b, g))
         try:
@@ -212,7 +222,7 @@ def sweep_mosaic(t: int, k: int, n: int, block: int, sparsity: float,
         timings.append((seconds, tiling))
         print(f"  {tiling}: {flops / seconds / 1e12:.0f} TFLOP/s fwd+bwd (non-zero)", flush=True)
     seconds, best = min(timings, key=lambda st: st[0])
-    print(f"mosaic block {block}: best {best} at {flops / seconds / 1e12:.0f} TFLOP/s")
+    print(f"{name} block {block}: best {best} at {flops / seconds / 1e12:.0f} TFLOP/s")
     return best
 
 
@@ -252,7 +262,9 @@ def main() -> None:
                              "(mosaic_ws with one ring through all tiles), mosaic_stream_all "
                              "(and its weight grad); a _d1 suffix keeps one wgmma in flight")
     parser.add_argument("--sweep", action="store_true",
-                        help="instead: tune each kernel's tiling at the first shape, 75%% sparse")
+                        help="instead: tune each kernel's tiling at the first shape, 75%% "
+                             "sparse (pallas; mosaic; mosaic_ws / mosaic_stream[_all]: tile "
+                             "order, ring depth, delay_release)")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     blocks, shapes, implementations = _parse(parser, args)
@@ -262,8 +274,9 @@ def main() -> None:
         for block in blocks:
             if "pallas" in implementations:
                 print(f"block {block}: {sweep(t, k, n, block, 0.75, args.reps)}", flush=True)
-            if "mosaic" in implementations:
-                sweep_mosaic(t, k, n, block, 0.75, args.reps)
+            for name in ("mosaic", "mosaic_ws", "mosaic_stream", "mosaic_stream_all"):
+                if name in implementations:
+                    sweep_mosaic(t, k, n, block, 0.75, args.reps, name)
         return
     for block in blocks:
         print(f"block {block}: {TUNED_TILINGS.get(block, Tilings())}")
