@@ -8,16 +8,27 @@ already zero there: exactly the masked gradient of hard-mask methods.
 RigL needs the *dense* weight gradient on the steps it regrows. On those steps the sparsity
 engine sets `dense_grad`, and the layer takes the straight-through dense path of
 `MaskedLinear` instead (a `lax.cond`: one step in `update_every` runs dense).
+
+The Pallas kernels are opaque to XLA's partitioner, so under a mesh they run inside
+`shard_map`: each device multiplies its own rows (the batch axes) by the whole weight, which
+XLA gathers first when it is sharded (FSDP, tensor parallelism), as FSDP gathers any weight
+for its matmul; the weight gradient is summed over the batch axes by shard_map's transpose.
+Without it XLA would replicate the activations around the kernel call. The plain-jnp path
+('xla') is left to the partitioner like any other op.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.block_sparse import block_sparse_matmul
 from pallas_kernels.block_sparse.layout import BlockLayout, block_mask_of, build_layout
+from spjax import parallel
 from spjax.errors import ConfigError, require_gpu
 from spjax.model.linear import Axes, LinearSpec, MaskedLinear
 
@@ -62,13 +73,28 @@ class BlockSparseLinear(MaskedLinear):
 
         def sparse(x):
             w = self.kernel[...].astype(c)
-            return block_sparse_matmul(x.astype(c), w, self.layout(), block=self.block,
-                                       implementation=self.implementation)
+            call = functools.partial(block_sparse_matmul, block=self.block,
+                                     implementation=self.implementation)
+            active = parallel.active()
+            if self.implementation == "xla" or active is None:
+                return call(x.astype(c), w, self.layout())
+            return _over_batch_shards(call, active, x.astype(c), w, self.layout())
 
         def dense(x):
             return MaskedLinear.__call__(self, x).astype(c)
 
         return jax.lax.cond(self.dense_grad[...], dense, sparse, x).astype(self.out_dtype)
+
+
+def _over_batch_shards(call, active, x, w, layout: BlockLayout) -> jax.Array:
+    """call(x, w, layout) in shard_map: x's leading (batch) axis split over the mesh's batch
+    axes, the weight and its tables whole on every device."""
+    mesh, rules = active
+    lead = parallel.batch_sharding(mesh, rules).spec[0]
+    rows = P(lead, *([None] * (x.ndim - 1)))
+    whole = jax.tree.map(lambda _: P(), layout)
+    return jax.shard_map(call, mesh=mesh, in_specs=(rows, P(), whole), out_specs=rows,
+                         check_vma=False)(x, w, layout)
 
 
 def tables_for(mask_KxN: jax.Array, block: int) -> dict[str, jax.Array]:
