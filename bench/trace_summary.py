@@ -19,8 +19,9 @@ and the kernels with the most total time. `--group LABEL=REGEX` (repeatable) add
 time per step of each named group of kernels (the first group whose regex matches a kernel's
 name takes it; the rest is 'other'), e.g. the block-sparse kernels' share of a training step:
     --group "block-sparse=mosaic|pallas|block_sparse" --group "gemm=gemm|cublas|cutlass"
-`--list` prints the trace's process and thread
-names, to check which lines were read.
+`--gaps N` prints where the GPU sits idle: the N (kernel before, kernel after) pairs
+with the most idle time between them. `--list` prints the trace's process and thread names,
+to check which lines were read.
 """
 
 from __future__ import annotations
@@ -145,6 +146,28 @@ def top_kernels(kernels: list[dict], n: int, steps: int) -> list[tuple[str, int,
             for name, (count, total) in ranked]
 
 
+def idle_gaps(kernels: list[dict], steps: int) -> dict[tuple[str, str], list[float]]:
+    """The GPU's idle gaps (no kernel on any line), keyed by (kernel before, kernel after):
+    [count per step, ms per step]. Names are cut at their first digit run, so the numbered
+    fusions of one kind share a key."""
+    ordered = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)),
+                      _kind(e.get("name", ""))) for e in kernels)
+    gaps: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    busy_until, last = None, ""
+    for start, end, name in ordered:
+        if busy_until is not None and start > busy_until:
+            gap = gaps[(last, name)]
+            gap[0] += 1 / steps
+            gap[1] += (start - busy_until) * 1e-3 / steps
+        if busy_until is None or end >= busy_until:
+            busy_until, last = end, name
+    return dict(gaps)
+
+
+def _kind(name: str) -> str:
+    return re.split(r"[._]?\d", name, maxsplit=1)[0] or name
+
+
 def group_times(kernels: list[dict], groups: list[tuple[str, re.Pattern]],
                 steps: int) -> dict[str, float]:
     """Summed kernel time (ms per step) of each group; 'other' takes what no regex matches."""
@@ -173,6 +196,9 @@ def main() -> None:
                         help="steps in the trace (bench/train_throughput.py traces 3)")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--list", action="store_true", help="print process and thread names")
+    parser.add_argument("--gaps", type=int, default=0, metavar="N",
+                        help="also print the N (kernel before, kernel after) pairs with the "
+                        "most idle GPU time between them")
     parser.add_argument("--group", type=parse_group, action="append", default=[],
                         metavar="LABEL=REGEX", help="sum the kernel time of kernels whose name "
                         "matches REGEX under LABEL (repeatable)")
@@ -202,6 +228,13 @@ def main() -> None:
         print("|---|---|")
         for label, ms in group_times(kernels, args.group, args.steps).items():
             print(f"| {label} | {ms:.2f} |")
+    if args.gaps:
+        print(f"\nidle gaps on {device}, by the kernels around them (per step):\n")
+        print("| kernel before | kernel after | gaps | idle ms |")
+        print("|---|---|---|---|")
+        ranked = sorted(idle_gaps(kernels, args.steps).items(), key=lambda kv: -kv[1][1])
+        for (before, after), (count, ms) in ranked[:args.gaps]:
+            print(f"| {before[:60]} | {after[:60]} | {count:.0f} | {ms:.3f} |")
     print(f"\nkernels with the most time on {device} (ms per step):\n")
     print("| kernel | calls | ms | kind |")
     print("|---|---|---|---|")

@@ -43,6 +43,22 @@ def time_calls(fn, n: int) -> list[float]:
     return times
 
 
+def time_steps(fn, steps: int, windows: int = 3) -> float:
+    """Median seconds per step over `windows` runs of `steps` steps dispatched back to back,
+    one wait at the end of each: as the training loop runs (it waits only on logging steps),
+    so the host's dispatch of a step overlaps the GPU's work on the previous one. Waiting
+    after every step instead adds the host's per-step dispatch time to every step (measured
+    on the H200: 3.1 ms dense, 10.5 ms block-sparse at 350M, docs/BENCHMARKS.md)."""
+    per_step = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = fn()
+        jax.block_until_ready(out)
+        per_step.append((time.perf_counter() - start) / steps)
+    return statistics.median(per_step)
+
+
 def matmul_baseline(m: int = 8192, n: int = 8192, k: int = 8192) -> float | None:
     """Median TFLOP/s of an XLA bf16 matmul with random operands (never zeros); GPU only."""
     if jax.default_backend() != "gpu":
@@ -88,7 +104,7 @@ def bench_preset(preset: str, seq_len: int, batch: int, steps: int, overrides: l
         return metrics["loss"]
 
     time_calls(one, 3)
-    step_s = statistics.median(time_calls(one, steps))
+    step_s = time_steps(one, steps)
     if profile_dir:  # a Perfetto trace of 3 steps, to see where the step time goes
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
             time_calls(one, 3)

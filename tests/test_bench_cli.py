@@ -29,3 +29,17 @@ def test_bad_arguments_are_one_line_errors(script, args, needle):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_throughput_steps_are_dispatched_back_to_back_with_one_wait_per_window(monkeypatch):
+    """bench/train_throughput.py times steps as the training loop runs them: `steps` calls,
+    then one wait, per window (a wait after every call would add host dispatch time)."""
+    sys.path.insert(0, str(BENCH))
+    import jax
+    import train_throughput
+
+    calls, waits = [], []
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: waits.append(len(calls)) or x)
+    seconds = train_throughput.time_steps(lambda: calls.append(1) or 0.0, steps=5, windows=3)
+    assert len(calls) == 15 and waits == [5, 10, 15]
+    assert seconds >= 0

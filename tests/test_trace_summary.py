@@ -60,6 +60,14 @@ def test_hidden_and_exposed_communication_per_device():
     assert per_step["exposed_ms"] == pytest.approx(0.001)
 
 
+def test_idle_gaps_are_keyed_by_the_kernels_around_them():
+    devices = ts.kernels_by_device(_trace()["traceEvents"])
+    assert ts.idle_gaps(devices["/device:GPU:0"], steps=1) == {}  # always busy
+    gaps = ts.idle_gaps(devices["/device:GPU:1"], steps=1)  # idle [5, 10)
+    assert list(gaps) == [("fusion", "ncclDevKernel_AllReduce_Sum_bf")]
+    assert gaps[("fusion", "ncclDevKernel_AllReduce_Sum_bf")] == pytest.approx([1, 0.005])
+
+
 def test_kernel_time_by_group_first_match_wins_rest_is_other():
     gpu0 = ts.kernels_by_device(_trace()["traceEvents"])["/device:GPU:0"]
     groups = [ts.parse_group("gemm=gemm"), ts.parse_group("comm=all-reduce|gemm")]
