@@ -76,7 +76,7 @@ class BlockSparseLinear(MaskedLinear):
             call = functools.partial(block_sparse_matmul, block=self.block,
                                      implementation=self.implementation)
             active = parallel.active()
-            if self.implementation == "xla" or active is None:
+            if self.implementation == "xla" or active is None or active[0].size == 1:
                 return call(x.astype(c), w, self.layout())
             return _over_batch_shards(call, active, x.astype(c), w, self.layout())
 
