@@ -26,6 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pallas_kernels.timing import median_seconds  # noqa: E402
 from spjax import parallel  # noqa: E402
 from spjax.config import load_config  # noqa: E402
 from spjax.errors import ConfigError  # noqa: E402
@@ -41,22 +42,6 @@ def time_calls(fn, n: int) -> list[float]:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return times
-
-
-def time_steps(fn, steps: int, windows: int = 3) -> float:
-    """Median seconds per step over `windows` runs of `steps` steps dispatched back to back,
-    one wait at the end of each: as the training loop runs (it waits only on logging steps),
-    so the host's dispatch of a step overlaps the GPU's work on the previous one. Waiting
-    after every step instead adds the host's per-step dispatch time to every step (measured
-    on the H200: 3.1 ms dense, 10.5 ms block-sparse at 350M, docs/BENCHMARKS.md)."""
-    per_step = []
-    for _ in range(windows):
-        start = time.perf_counter()
-        for _ in range(steps):
-            out = fn()
-        jax.block_until_ready(out)
-        per_step.append((time.perf_counter() - start) / steps)
-    return statistics.median(per_step)
 
 
 def matmul_baseline(m: int = 8192, n: int = 8192, k: int = 8192) -> float | None:
@@ -103,8 +88,12 @@ def bench_preset(preset: str, seq_len: int, batch: int, steps: int, overrides: l
         holder["state"], metrics = compiled(holder["state"], batch_arrays)
         return metrics["loss"]
 
-    time_calls(one, 3)
-    step_s = time_steps(one, steps)
+    # `steps` steps dispatched back to back, one wait, median of 3 such windows: as the
+    # training loop runs (it waits only on logging steps), so the host's dispatch of a step
+    # overlaps the GPU's work on the previous one. Waiting after every step instead added
+    # the host's per-step dispatch time to every step (3.1 ms dense, 10.5 ms block-sparse at
+    # 350M on the H200, docs/BENCHMARKS.md).
+    step_s = median_seconds(one, calls=steps, samples=3)
     if profile_dir:  # a Perfetto trace of 3 steps, to see where the step time goes
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
             time_calls(one, 3)

@@ -32,14 +32,17 @@ def test_bad_arguments_are_one_line_errors(script, args, needle):
 
 
 def test_throughput_steps_are_dispatched_back_to_back_with_one_wait_per_window(monkeypatch):
-    """bench/train_throughput.py times steps as the training loop runs them: `steps` calls,
-    then one wait, per window (a wait after every call would add host dispatch time)."""
-    sys.path.insert(0, str(BENCH))
+    """bench/train_throughput.py times steps as the training loop runs them, through
+    pallas_kernels.timing.median_seconds: after two warm-up calls, `calls` calls then one wait
+    per sample (a wait after every call would add host dispatch time)."""
     import jax
-    import train_throughput
+
+    from pallas_kernels import timing
 
     calls, waits = [], []
     monkeypatch.setattr(jax, "block_until_ready", lambda x: waits.append(len(calls)) or x)
-    seconds = train_throughput.time_steps(lambda: calls.append(1) or 0.0, steps=5, windows=3)
-    assert len(calls) == 15 and waits == [5, 10, 15]
+    seconds = timing.median_seconds(lambda: calls.append(1) or 0.0, calls=5, samples=3)
+    assert len(calls) == 17 and waits == [1, 2, 7, 12, 17]
     assert seconds >= 0
+    assert "median_seconds(one, calls=steps, samples=3)" in (BENCH / "train_throughput.py"
+                                                             ).read_text()
