@@ -37,7 +37,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.block_sparse import kernel as triton_kernel
 from pallas_kernels.block_sparse import kernel_mgpu as k
+from pallas_kernels.block_sparse.layout import compact
 
 MEMORY_REGISTERS = 40  # per thread of the TMA warpgroup; the two compute ones share the rest
 COMPUTE_REGISTERS = int(min(256, (512 - MEMORY_REGISTERS) / 2) // 8 * 8)
@@ -282,10 +284,9 @@ def stream(lhs_TxC, w_KxN, table, count, *, block: int, out_cols: int, transpose
         tiling=tiling, interpret=interpret, plan=plan)
 
 
-# Token ranges of the streamed weight gradient: enough work items for every SM when about a
-# quarter of the tiles are kept (75% sparse), within a cap on the fp32 partials.
-TARGET_ITEMS = 4 * 264
-MAX_PARTIALS_BYTES = 256 * 2**20
+# Token ranges of the streamed weight gradient: the Triton split-K's program target, when
+# about a quarter of the tiles are kept (75% sparse), within its cap on the fp32 partials.
+TARGET_ITEMS = 4 * triton_kernel.TARGET_PROGRAMS
 
 
 def token_splits(chunks: int, tiles: int, weight_elements: int) -> int:
@@ -293,7 +294,7 @@ def token_splits(chunks: int, tiles: int, weight_elements: int) -> int:
     want = max(1, TARGET_ITEMS // tiles)
     splits = 1
     while (splits * 2 <= min(want, chunks) and chunks % (splits * 2) == 0
-           and splits * 2 * weight_elements * 4 <= MAX_PARTIALS_BYTES):
+           and splits * 2 * weight_elements * 4 <= triton_kernel.MAX_PARTIALS_BYTES):
         splits *= 2
     return splits
 
@@ -318,10 +319,8 @@ def weight_grad_stream(x_TxK, dy_TxN, block_mask, *, block: int, out_dtype,
     chunks = t // bt
     splits = token_splits(chunks, nk * nn, kdim * n)
     per_split = chunks // splits
-    flat = block_mask.reshape(-1) != 0
-    index = jnp.arange(nk * nn, dtype=jnp.int32)
-    kept = jnp.argsort(jnp.where(flat, index, index + nk * nn)).astype(jnp.int32)  # kept first
-    count = flat.sum(dtype=jnp.int32).reshape(1)
+    kept, count = compact(block_mask.reshape(1, -1) != 0)  # kept tiles first, row-major
+    kept = kept[0]
 
     def plan(kept_gmem, count_gmem, x_gmem, dy_gmem):
         def tile(p):

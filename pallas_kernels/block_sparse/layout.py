@@ -27,7 +27,7 @@ class BlockLayout:
     row_count: jax.Array  # int32 (K/b,)
 
 
-def _compact(mask_RxC: jax.Array) -> tuple[jax.Array, jax.Array]:
+def compact(mask_RxC: jax.Array) -> tuple[jax.Array, jax.Array]:
     """For each row, the column indices of its True entries first (in order), and their count."""
     cols = mask_RxC.shape[1]
     index = jnp.arange(cols, dtype=jnp.int32)
@@ -40,8 +40,8 @@ def _compact(mask_RxC: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def build_layout(block_mask_KbxNb: jax.Array) -> BlockLayout:
     mask = block_mask_KbxNb.astype(bool)
-    col_table, col_count = _compact(mask.T)
-    row_table, row_count = _compact(mask)
+    col_table, col_count = compact(mask.T)
+    row_table, row_count = compact(mask)
     return BlockLayout(mask.astype(jnp.int32), col_table, col_count, row_table, row_count)
 
 
