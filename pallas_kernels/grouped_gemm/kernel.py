@@ -11,6 +11,8 @@ import functools
 
 import jax
 
+from pallas_kernels.device import hopper_gpu
+
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
@@ -36,12 +38,7 @@ def supported(d_in: int, d_out: int) -> bool:
     """Whether all three kernels take a (d_in -> d_out) expert weight on this machine: a
     Hopper GPU, and widths that are multiples of the tiles (block_k 64 for the contracted
     dims, 64 for output columns, 128 for the weight gradient's rows)."""
-    devices = jax.devices()
-    if devices[0].platform != "gpu":
-        return False
-    if getattr(devices[0], "compute_capability", "") != "9.0":
-        return False
-    return d_in % 128 == 0 and d_out % 128 == 0
+    return hopper_gpu() and d_in % 128 == 0 and d_out % 128 == 0
 
 
 @functools.partial(jax.jit, static_argnames=("tiles",))

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.device import hopper_gpu
 from spjax.errors import ConfigError
 from spjax.model.blocksparse import tables_for
 from spjax.model.linear import LinearSpec
@@ -48,11 +49,10 @@ def auto_block_kernel(block: int, compute_dtype: str) -> str:
     for the Triton kernels, same run, docs/BENCHMARKS.md); the Triton kernels on other GPUs
     and settings (block 64 on Mosaic is not yet measured end to end); the plain-jnp reference
     off GPU."""
-    device = jax.devices()[0]
-    if device.platform != "gpu":
+    if jax.devices()[0].platform != "gpu":
         return "xla"
-    hopper = getattr(device, "compute_capability", "") == "9.0"
-    return "mosaic_ws" if hopper and block == 128 and compute_dtype == "bfloat16" else "pallas"
+    fits = hopper_gpu() and block == 128 and compute_dtype == "bfloat16"
+    return "mosaic_ws" if fits else "pallas"
 
 
 def layer_assignment(config: SparsityConfig,
