@@ -7,6 +7,8 @@ The Mosaic GPU kernels run here under Mosaic GPU's interpret mode; the GPU varia
 (implementation="pallas" and "mosaic") are marked `gpu` and run on the GPU machine.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 
 from pallas_kernels.block_sparse import block_sparse_matmul, build_layout
 from pallas_kernels.block_sparse import bench, kernel_mgpu, reference
-from pallas_kernels.block_sparse.api import BlockSparseError
+from pallas_kernels.block_sparse.api import TUNED_WARP_SPECIALIZED, BlockSparseError
 
 CASES = [  # (T, K, N, block, density, special)
     (64, 128, 128, 32, 0.5, None),
@@ -223,8 +225,9 @@ def test_warp_specialized_mosaic_kernels_in_interpret_mode_match_the_reference(
                         kernel_mgpu.plgpu.InterpretGPUParams(detect_races=True))
     x, w, mask, dy = _inputs(t, k, n, block, density, special, jnp.bfloat16, seed=t + k + sms)
     # all three products (mosaic_stream's own dW at block 128, the plain Mosaic one else)
-    _check_bf16_products(x, w, mask, dy, block, f"{variant}_interpret",
-                         kernel_mgpu.MosaicTiling(delay_release=delay_release))
+    # the tuned tiling walks 8 output columns at a time: more than these shapes have (2-6)
+    tiling = dataclasses.replace(TUNED_WARP_SPECIALIZED, delay_release=delay_release)
+    _check_bf16_products(x, w, mask, dy, block, f"{variant}_interpret", tiling)
     assert "RACE DETECTED" not in capsys.readouterr().out
 
 
@@ -277,7 +280,7 @@ def test_gpu_kernels_match_the_reference(implementation, block, density, delay_r
     t, k, n = 1024, 1024, 2048
     x, w, mask, dy = _inputs(t, k, n, block, density, None, jnp.bfloat16, seed=block)
     layout = build_layout(mask)
-    tiling = kernel_mgpu.MosaicTiling(delay_release=delay_release)
+    tiling = dataclasses.replace(TUNED_WARP_SPECIALIZED, delay_release=delay_release)
     y, vjp = jax.vjp(lambda x, w: block_sparse_matmul(x, w, layout, block=block, mosaic=tiling,
                                                       implementation=implementation), x, w)
     dx, dw = vjp(dy)
@@ -316,6 +319,10 @@ def test_the_benchmarks_d1_names_run_the_same_kernels_with_one_wgmma_in_flight()
         assert bench.mosaic_tiling(f"{name}_d1", base) == kernel_mgpu.MosaicTiling(
             block_m=64, delay_release=1)
         assert bench.mosaic_tiling(name, base) is base
+        # no tiling given: the API's tuned one for these kernels, or none (the API chooses)
+        assert bench.mosaic_tiling(f"{name}_d1") == dataclasses.replace(
+            TUNED_WARP_SPECIALIZED, delay_release=1)
+        assert bench.mosaic_tiling(name) is None
     # --sweep's warp-specialized candidates: distinct, both release delays, every tile order
     candidates = bench.mosaic_candidates("mosaic_ws")
     assert len(set(candidates)) == len(candidates) == 16

@@ -297,8 +297,11 @@ def test_gpu_dense_pattern_matches_cudnn(implementation, block):
 def test_the_benchmark_runs_on_cpu_in_interpret_mode():
     from pallas_kernels.block_sparse_attention import bench
 
-    assert bench.RUNS_AS["mosaic_acc"] == bench.RUNS_AS["mosaic"]
-    assert bench.TILINGS["mosaic_acc"].backward_in_place
+    assert bench.RUNS_AS["mosaic_fresh"] == bench.RUNS_AS["mosaic_acc"] == bench.RUNS_AS["mosaic"]
+    default = kernel_mgpu.MosaicAttentionTiling()
+    assert default.backward_in_place and default.backward_overlap
+    assert not bench.TILINGS["mosaic_fresh"].backward_in_place
+    assert not bench.TILINGS["mosaic_acc"].backward_overlap
 
     mask = bench.random_causal_mask(0, 16, 0.75)
     assert np.all(np.diag(mask)) and not np.triu(mask, 1).any()

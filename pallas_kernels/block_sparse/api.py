@@ -75,6 +75,12 @@ TUNED_TILINGS: dict[int, Tilings] = {
 }
 
 
+# The warp-specialized kernels' tiling from `--sweep` on the H200 (docs/BENCHMARKS.md): 3 ring
+# stages (the most that fit) and tiles walked 8 columns at a time, so a band of X rows is reused
+# from L2 across 8 output columns; 4-8% over one column at a time at 16384x4096x16384, 75%.
+TUNED_WARP_SPECIALIZED = kernel_mgpu.MosaicTiling(max_concurrent_steps=3, grid_block_n=8)
+
+
 def per_product(implementation: str) -> tuple[str, str, str]:
     """'pallas' -> ('pallas',) * 3; 'mosaic,pallas,pallas' -> (forward, input grad, weight
     grad) implementations. A BlockSparseError names a bad one."""
@@ -101,14 +107,17 @@ def block_sparse_matmul(x: jax.Array, w: jax.Array, layout: BlockLayout, *, bloc
                         block_t: int | None = None,
                         mosaic: kernel_mgpu.MosaicTiling | None = None) -> jax.Array:
     """`tilings` (Triton path) defaults to TUNED_TILINGS[block]; `block_t` sets every Triton
-    kernel's row tile (tests use small ones); `mosaic` is the Mosaic GPU path's tiling."""
+    kernel's row tile (tests use small ones); `mosaic` is the Mosaic GPU path's tiling (default:
+    TUNED_WARP_SPECIALIZED for the warp-specialized kernels, else MosaicTiling())."""
     if tilings is None:
         tilings = TUNED_TILINGS.get(block, Tilings())
     if block_t is not None:
         tilings = Tilings(*(dataclasses.replace(t, rows=block_t) for t in
                             (tilings.forward, tilings.input_grad, tilings.weight_grad)))
-    mosaic = mosaic or kernel_mgpu.MosaicTiling()
     implementations = per_product(implementation)
+    if mosaic is None:
+        ws = any(p.startswith(("mosaic_ws", "mosaic_stream")) for p in implementations)
+        mosaic = TUNED_WARP_SPECIALIZED if ws else kernel_mgpu.MosaicTiling()
     _check(x, w, layout, block, implementations, tilings)
     # rows are padded to a multiple of every row tile in use (all powers of two)
     row_tile = max(_mosaic_tiling(impl, mosaic).rows_per_tile if impl.startswith("mosaic")

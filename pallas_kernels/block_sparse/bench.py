@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse import kernel
-from pallas_kernels.block_sparse.api import TUNED_TILINGS, Tiling, Tilings, block_sparse_matmul
+from pallas_kernels.block_sparse.api import (TUNED_TILINGS, TUNED_WARP_SPECIALIZED, Tiling, Tilings,
+                                          block_sparse_matmul)
 from pallas_kernels.block_sparse.kernel_mgpu import MosaicTiling
 from pallas_kernels.block_sparse.layout import build_layout
 from pallas_kernels.timing import median_seconds
@@ -49,10 +50,13 @@ DELAYED = ("mosaic_ws", "mosaic_stream", "mosaic_stream_all")
 RUNS_AS |= {f"{name}_d1": RUNS_AS[name] for name in DELAYED}
 
 
-def mosaic_tiling(implementation: str, base: MosaicTiling) -> MosaicTiling:
-    """The Mosaic tiling a bench implementation name asks for."""
+def mosaic_tiling(implementation: str, base: MosaicTiling | None = None) -> MosaicTiling | None:
+    """The Mosaic tiling a bench implementation name asks for: `base`, or when None the API's
+    default for that kernel (None lets block_sparse_matmul choose it)."""
     if implementation.endswith("_d1"):
-        return dataclasses.replace(base, delay_release=1)
+        if base is None and implementation.startswith(("mosaic_ws", "mosaic_stream")):
+            base = TUNED_WARP_SPECIALIZED
+        return dataclasses.replace(base or MosaicTiling(), delay_release=1)
     return base
 
 
@@ -83,7 +87,7 @@ def random_mask(key, shape, density: float) -> jax.Array:
 
 def bench_shape(t: int, k: int, n: int, blocks: list[int], sparsities: list[float],
                 reps: int, implementations: list[str],
-                mosaic: MosaicTiling = MosaicTiling()) -> list[dict]:
+                mosaic: MosaicTiling | None = None) -> list[dict]:
     keys = jax.random.split(jax.random.key(t + k + n), 4)
     x = jax.random.normal(keys[0], (t, k), jnp.bfloat16)
     w = jax.random.normal(keys[1], (k, n), jnp.bfloat16)

@@ -46,12 +46,12 @@ RUNS_AS = {"pallas": PALLAS,
            "mosaic": "mosaic" if ON_GPU else "mosaic_interpret",
            # forward on Mosaic GPU, dQ and dK/dV on Triton (api: one per pass)
            "mosaic_fwd": "mosaic,pallas" if ON_GPU else "mosaic_interpret,interpret",
-           # Mosaic throughout, the backward accumulating dQ, dK, dV in place; acc2: and
-           # issuing S and dP together, P computed while dP's wgmma runs
-           "mosaic_acc": "mosaic" if ON_GPU else "mosaic_interpret",
-           "mosaic_acc2": "mosaic" if ON_GPU else "mosaic_interpret"}
-TILINGS = {"mosaic_acc": MosaicAttentionTiling(backward_in_place=True),  # others: defaults
-           "mosaic_acc2": MosaicAttentionTiling(backward_in_place=True, backward_overlap=True)}
+           # the backward's earlier forms, to compare with the default (in place, overlapped)
+           # in one run: a fresh accumulator per step; in place without the overlap
+           "mosaic_fresh": "mosaic" if ON_GPU else "mosaic_interpret",
+           "mosaic_acc": "mosaic" if ON_GPU else "mosaic_interpret"}
+TILINGS = {"mosaic_fresh": MosaicAttentionTiling(backward_in_place=False, backward_overlap=False),
+           "mosaic_acc": MosaicAttentionTiling(backward_in_place=True, backward_overlap=False)}
 
 
 def random_causal_mask(seed: int, n: int, sparsity: float) -> np.ndarray:
