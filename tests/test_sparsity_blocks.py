@@ -116,7 +116,7 @@ def test_block_kernels_under_a_mesh_train_like_one_device(mesh):
 
 @pytest.mark.parametrize("platform, capability, block, dtype, expected", [
     ("cpu", "", 128, "bfloat16", "xla"),
-    ("gpu", "9.0", 128, "bfloat16", "mosaic_ws,mosaic_ws,pallas"),  # Hopper: Mosaic fwd/dX
+    ("gpu", "9.0", 128, "bfloat16", "mosaic_stream,mosaic_stream,pallas"),  # Hopper: Mosaic
     ("gpu", "9.0", 64, "bfloat16", "pallas"),  # block 64 on Mosaic not measured end to end
     ("gpu", "9.0", 128, "float32", "pallas"),  # wgmma takes 16-bit operands
     ("gpu", "8.0", 128, "bfloat16", "pallas"),  # no wgmma/TMA before Hopper
@@ -167,7 +167,7 @@ def test_mosaic_kernels_limits_are_start_up_errors(overrides, needle):
 @pytest.mark.parametrize("method", ["static", "rigl"])
 def test_gpu_block_sparse_training_with_auto_kernels_matches_the_reference(method):
     """sparsity.kernel=auto on the GPU (Hopper, block 128, bf16: the warp-specialized Mosaic
-    kernels) trains like the plain-jnp reference: same losses step by step within bf16
+    streamed kernels) trains like the plain-jnp reference: same losses step by step within bf16
     tolerance, same masks (RigL regrows from the same dense gradients)."""
     from spjax.sparsity import engine
 
@@ -182,7 +182,7 @@ def test_gpu_block_sparse_training_with_auto_kernels_matches_the_reference(metho
                                     f"sparsity.kernel={kernel}"])
         harness = TrainHarness(config, 1)
         if kernel == "auto":
-            assert engine.auto_block_kernel(128, "bfloat16") == "mosaic_ws"
+            assert engine.auto_block_kernel(128, "bfloat16") == "mosaic_stream"
         runs[kernel] = [float(harness.step(batch)["loss"]) for batch in tokens]
     np.testing.assert_allclose(runs["auto"], runs["xla"], rtol=2e-2)
     assert runs["auto"][-1] < runs["auto"][0]  # it trains

@@ -100,7 +100,7 @@ class SparsityConfig:
     m: int = 4
     block: int = 32
     # block pattern: 'auto' runs the Pallas block-sparse kernels on GPU (all three products
-    # skip pruned tiles: 'mosaic_ws' on Hopper at block 128 in bf16, else 'pallas') and their
+    # skip pruned tiles: 'mosaic_stream' on Hopper at block 128 in bf16, else 'pallas') and their
     # plain-jnp reference elsewhere; 'none' simulates the mask
     # in dense matmuls (MaskedLinear); 'xla' / 'pallas' (Triton lowering) / 'interpret' /
     # 'mosaic' (Mosaic GPU, Hopper, bf16, blocks 64/128) / 'mosaic_interpret' force one;

@@ -45,14 +45,15 @@ KERNEL_COMBINATIONS = {"mosaic_fwd": "mosaic,pallas,pallas",
 
 def auto_block_kernel(block: int, compute_dtype: str) -> str:
     """sparsity.kernel=auto: on a Hopper GPU at block 128 in bfloat16, the warp-specialized
-    Mosaic forward and input gradient (fastest end to end at 350M: 1.24x dense against 1.16x
-    for the Triton kernels, same run, docs/BENCHMARKS.md); the Triton kernels on other GPUs
-    and settings (block 64 on Mosaic is not yet measured end to end); the plain-jnp reference
-    off GPU."""
+    Mosaic forward and input gradient with one TMA ring through each program's tiles (fastest
+    end to end at 350M in two runs: 1.41x and 1.39x dense, against 1.38x and 1.35x for
+    'mosaic_ws' and 1.28x for the Triton kernels, docs/BENCHMARKS.md); the Triton kernels on
+    other GPUs and settings (block 64 on Mosaic is not yet measured end to end); the plain-jnp
+    reference off GPU."""
     if jax.devices()[0].platform != "gpu":
         return "xla"
     fits = hopper_gpu() and block == 128 and compute_dtype == "bfloat16"
-    return "mosaic_ws" if fits else "pallas"
+    return "mosaic_stream" if fits else "pallas"
 
 
 def layer_assignment(config: SparsityConfig,
