@@ -303,6 +303,14 @@ def test_the_benchmark_runs_on_cpu_in_interpret_mode():
     assert not bench.TILINGS["mosaic_fresh"].backward_in_place
     assert not bench.TILINGS["mosaic_acc"].backward_overlap
 
+    # --sweep's Mosaic tilings: the default and each kernel's ring depth varied alone
+    candidates = bench.mosaic_candidates()
+    assert candidates["default"] == default and len(set(candidates.values())) == 7
+    for label, tiling in candidates.items():
+        changed = [f for f in ("forward_steps", "dq_steps", "dkdv_steps")
+                   if getattr(tiling, f) != getattr(default, f)]
+        assert changed == ([] if label == "default" else [label.split("=")[0]])
+
     mask = bench.random_causal_mask(0, 16, 0.75)
     assert np.all(np.diag(mask)) and not np.triu(mask, 1).any()
     assert mask.sum() == round(0.25 * 16 * 17 / 2)

@@ -26,6 +26,7 @@ for sparse), backward 2.5x forward.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import json
@@ -171,14 +172,26 @@ def sweep(t: int, batch: int, heads: int, kv_heads: int, head_dim: int, block: i
     _time_candidates(candidates, t, batch, heads, kv_heads, head_dim, block, sparsity, reps)
 
 
+def mosaic_candidates() -> dict[str, MosaicAttentionTiling]:
+    """`--sweep`'s Mosaic tilings: the default, then each kernel's TMA ring depth varied
+    alone (the three kernels hold different tiles per slot, so one shared depth that is
+    best for one can overflow another's shared memory)."""
+    default = MosaicAttentionTiling()
+    candidates = {"default": default}
+    for field, depths in (("forward_steps", (3, 4)), ("dq_steps", (3, 4)),
+                          ("dkdv_steps", (1, 3))):
+        for depth in depths:
+            candidates[f"{field}={depth}"] = dataclasses.replace(default, **{field: depth})
+    return candidates
+
+
 def sweep_mosaic(t: int, batch: int, heads: int, kv_heads: int, head_dim: int, block: int,
                  sparsity: float, reps: int) -> None:
-    """Forward + backward over the Mosaic kernels' TMA ring depth (all three kernels)."""
+    """Forward + backward over the Mosaic kernels' TMA ring depths (mosaic_candidates)."""
     candidates = {
-        f"ring {depth}": functools.partial(
-            block_sparse_attention, block=block, implementation=RUNS_AS["mosaic"],
-            mosaic=MosaicAttentionTiling(depth, depth, depth))
-        for depth in (2, 3, 4)}
+        label: functools.partial(block_sparse_attention, block=block,
+                                 implementation=RUNS_AS["mosaic"], mosaic=tiling)
+        for label, tiling in mosaic_candidates().items()}
     _time_candidates(candidates, t, batch, heads, kv_heads, head_dim, block, sparsity, reps)
 
 
