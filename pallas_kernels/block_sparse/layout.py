@@ -15,6 +15,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @jax.tree_util.register_dataclass
@@ -27,14 +28,15 @@ class BlockLayout:
     row_count: jax.Array  # int32 (K/b,)
 
 
-def compact(mask_RxC: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """For each row, the column indices of its True entries first (in order), and their count."""
-    cols = mask_RxC.shape[1]
-    index = jnp.arange(cols, dtype=jnp.int32)
-    # stable sort: kept columns first, in increasing order; the rest are padding
-    order = jnp.argsort(jnp.where(mask_RxC, index[None, :], cols + index[None, :]), axis=1)
-    count = mask_RxC.sum(axis=1, dtype=jnp.int32)
-    table = jnp.where(index[None, :] < count[:, None], order, 0).astype(jnp.int32)
+def compact(mask: jax.Array, xp=jnp) -> tuple[jax.Array, jax.Array]:
+    """Along the last axis: the indices of the True entries first (in order), then zeros as
+    padding; and their count. `xp` is jnp (traced tables) or numpy (constants under jit)."""
+    cols = mask.shape[-1]
+    index = xp.arange(cols, dtype=np.int32)
+    # sort keys are distinct: kept columns keep their index, dropped ones sort after them
+    order = xp.argsort(xp.where(mask, index, cols + index), axis=-1)
+    count = mask.sum(axis=-1, dtype=np.int32)
+    table = xp.where(index < count[..., None], order, 0).astype(np.int32)
     return table, count
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.block_sparse.layout import compact
 from pallas_kernels.block_sparse_attention.reference import as_4d
 
 
@@ -49,17 +50,6 @@ class AttentionLayout:
         return self.block_mask.sum(axis=(-2, -1), dtype=jnp.int32)
 
 
-def _compact(mask: jax.Array, xp) -> tuple[jax.Array, jax.Array]:
-    """Along the last axis: indices of the True entries first, in order, then zeros; counts."""
-    cols = mask.shape[-1]
-    index = xp.arange(cols, dtype=np.int32)
-    # kept columns keep their index as sort key, dropped ones sort after all kept ones
-    order = xp.argsort(xp.where(mask, index, cols + index), axis=-1)
-    count = mask.sum(axis=-1).astype(np.int32)
-    table = xp.where(index < count[..., None], order, 0).astype(np.int32)
-    return table, count
-
-
 def build_layout(block_mask, *, causal: bool = True) -> AttentionLayout:
     """Tables of a (Nq, Nk), (Hm, Nq, Nk) or (Bm, Hm, Nq, Nk) block mask."""
     xp = np if isinstance(block_mask, np.ndarray) else jnp
@@ -75,8 +65,8 @@ def build_layout(block_mask, *, causal: bool = True) -> AttentionLayout:
     else:
         diagonal = xp.zeros(mask.shape[:-1], np.int32)
         off = mask
-    q_table, q_count = _compact(off, xp)
-    k_table, k_count = _compact(xp.swapaxes(off, -1, -2), xp)
+    q_table, q_count = compact(off, xp)
+    k_table, k_count = compact(xp.swapaxes(off, -1, -2), xp)
     return AttentionLayout(mask.astype(np.int32), q_table, q_count, k_table, k_count,
                            diagonal, causal)
 
