@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,15 +34,6 @@ from spjax.train.state import Program, init_state, state_layout  # noqa: E402
 from spjax.train.step import make_train_step  # noqa: E402
 
 
-def time_calls(fn, n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def matmul_baseline(m: int = 8192, n: int = 8192, k: int = 8192) -> float | None:
     """Median TFLOP/s of an XLA bf16 matmul with random operands (never zeros); GPU only."""
     if jax.default_backend() != "gpu":
@@ -52,8 +42,9 @@ def matmul_baseline(m: int = 8192, n: int = 8192, k: int = 8192) -> float | None
     a = jax.random.normal(ka, (m, k), jnp.bfloat16)
     b = jax.random.normal(kb, (k, n), jnp.bfloat16)
     f = jax.jit(lambda a, b: a @ b)
-    time_calls(lambda: f(a, b), 3)
-    return 2 * m * n * k / statistics.median(time_calls(lambda: f(a, b), 20)) / 1e12
+    # back to back, one wait per window, as every kernel benchmark here times (one wait per
+    # 1.7 ms call let launch gaps move this baseline between 528 and 576 TFLOP/s)
+    return 2 * m * n * k / median_seconds(lambda: f(a, b), calls=20) / 1e12
 
 
 def preset_config(preset: str, seq_len: int, batch: int, overrides: list[str]):
@@ -96,7 +87,7 @@ def bench_preset(preset: str, seq_len: int, batch: int, steps: int, overrides: l
     step_s = median_seconds(one, calls=steps, samples=3)
     if profile_dir:  # a Perfetto trace of 3 steps, to see where the step time goes
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-            time_calls(one, 3)
+            jax.block_until_ready([one() for _ in range(3)])
     tokens_per_s = batch * seq_len / step_s
     flops_per_token = flops_lib.train_flops_per_token(config.model, seq_len)
     memory = jax.devices()[0].memory_stats() or {}
