@@ -302,6 +302,7 @@ def test_the_benchmark_runs_on_cpu_in_interpret_mode():
     assert default.backward_in_place and default.backward_overlap
     assert not bench.TILINGS["mosaic_fresh"].backward_in_place
     assert not bench.TILINGS["mosaic_acc"].backward_overlap
+    assert default.largest_first and not bench.TILINGS["mosaic_in_order"].largest_first
 
     # --sweep's Mosaic tilings: the default and each kernel's ring depth varied alone
     candidates = bench.mosaic_candidates()
@@ -360,8 +361,11 @@ def test_mosaic_kernels_in_interpret_mode_match_the_reference(case, form):
     q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=sum(case[:6]))
     mask = _mask(jax.random.key(t + h + block), kind, b, h, t // block, density)
     in_place, overlap = BACKWARD_FORMS[form]
+    # the fresh-accumulator form also starts programs in grid order; the others start the
+    # longest causal rows first, so block i's program must still read and write block i
     tiling = kernel_mgpu.MosaicAttentionTiling(ring, ring, ring, backward_in_place=in_place,
-                                               backward_overlap=overlap)
+                                               backward_overlap=overlap,
+                                               largest_first=form != "fresh_acc")
 
     @jax.jit
     def run(q, k, v, do):

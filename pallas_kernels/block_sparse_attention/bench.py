@@ -50,9 +50,12 @@ RUNS_AS = {"pallas": PALLAS,
            # the backward's earlier forms, to compare with the default (in place, overlapped)
            # in one run: a fresh accumulator per step; in place without the overlap
            "mosaic_fresh": "mosaic" if ON_GPU else "mosaic_interpret",
-           "mosaic_acc": "mosaic" if ON_GPU else "mosaic_interpret"}
+           "mosaic_acc": "mosaic" if ON_GPU else "mosaic_interpret",
+           # the default with programs started in grid order (shortest causal rows first)
+           "mosaic_in_order": "mosaic" if ON_GPU else "mosaic_interpret"}
 TILINGS = {"mosaic_fresh": MosaicAttentionTiling(backward_in_place=False, backward_overlap=False),
-           "mosaic_acc": MosaicAttentionTiling(backward_in_place=True, backward_overlap=False)}
+           "mosaic_acc": MosaicAttentionTiling(backward_in_place=True, backward_overlap=False),
+           "mosaic_in_order": MosaicAttentionTiling(largest_first=False)}
 
 
 def random_causal_mask(seed: int, n: int, sparsity: float) -> np.ndarray:

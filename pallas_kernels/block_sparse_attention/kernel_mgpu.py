@@ -67,6 +67,8 @@ class MosaicAttentionTiling:
     # with backward_in_place: each step issues its two independent products (S and dP) back
     # to back, and computes P (and, in dK/dV, starts dV += P^T dO) while dP's wgmma runs
     backward_overlap: bool = True
+    # forward and dQ under a causal mask: start the longest table rows first (program_tiles)
+    largest_first: bool = True
 
 
 def transforms(dtype) -> tuple:
@@ -81,10 +83,19 @@ def mask_index(b, h, layout):
     return (b if per_batch else 0), (h if per_head else 0)
 
 
-def program_tiles(table_ref, count_ref, diagonal_ref, layout):
+def program_tiles(table_ref, count_ref, diagonal_ref, layout, *, rows_grow: bool = False):
     """This program's (head, block index, batch, warpgroup), its count of listed tiles, its
-    pipeline steps (those tiles, then the diagonal one when causal) and its table row."""
+    pipeline steps (those tiles, then the diagonal one when causal) and its table row.
+
+    `rows_grow`: the kernel walks table rows (forward, dQ), which under a causal mask hold
+    up to i + 1 tiles for block i. Programs start in grid order (heads fastest, then blocks),
+    so block i = n - 1 - (grid index) starts the longest rows first and leaves the short ones
+    for the tail, where the last wave would otherwise be the longest programs alone on a few
+    SMs (largest-first scheduling, as FlashAttention does for causal). The dK/dV kernel walks
+    columns, whose causal length n - j already falls with j."""
     head, i, batch = (jax.lax.axis_index(a) for a in ("heads", "seq", "batch"))
+    if rows_grow and layout.causal:
+        i = count_ref.shape[-1] - 1 - i
     wg = jax.lax.axis_index("wg")
     mb, mh = mask_index(batch, head, layout)
     count = count_ref[mb, mh, i]
@@ -146,7 +157,7 @@ def forward(q, k, v, layout, *, block: int, scale: float, interpret: bool = Fals
     def body(table_ref, count_ref, diagonal_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
              qo_smem2, p_smem2, lse_smem2, q_barriers):
         head, i, batch, wg, count, steps, row_table = program_tiles(
-            table_ref, count_ref, diagonal_ref, layout)
+            table_ref, count_ref, diagonal_ref, layout, rows_grow=tiling.largest_first)
 
         def compute(pipeline):
             qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]

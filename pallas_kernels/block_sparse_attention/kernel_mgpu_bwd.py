@@ -55,7 +55,7 @@ def _two_products(a1, b1, a2, b2, shape, on_first):
 
 
 def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_flight,
-        in_place=False, overlap=False):
+        in_place=False, overlap=False, largest_first=True):
     b, t, h, d = q.shape
     group = h // k.shape[2]
     wgs = block // ROWS
@@ -65,7 +65,7 @@ def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_fl
     def body(table_ref, count_ref, diagonal_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
              delta_ref, dq_ref, q_smem2, do_smem2, ds_smem2, lse_smem2, delta_smem2, loaded):
         head, i, batch, wg, count, steps, row_table = program_tiles(
-            table_ref, count_ref, diagonal_ref, layout)
+            table_ref, count_ref, diagonal_ref, layout, rows_grow=largest_first)
 
         def compute(pipeline):
             q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
@@ -251,7 +251,8 @@ def backward(q, k, v, o, lse, do, layout, *, block: int, scale: float, interpret
     if tiling.backward_overlap and not tiling.backward_in_place:
         raise ValueError("MosaicAttentionTiling.backward_overlap needs backward_in_place")
     common |= {"in_place": tiling.backward_in_place, "overlap": tiling.backward_overlap}
-    dq = _dq(q, k, v, do, lse, delta, layout, steps_in_flight=tiling.dq_steps, **common)
+    dq = _dq(q, k, v, do, lse, delta, layout, steps_in_flight=tiling.dq_steps,
+             largest_first=tiling.largest_first, **common)
     dk, dv = _dkdv(q, k, v, do, lse, delta, layout, steps_in_flight=tiling.dkdv_steps,
                    **common)
     b, t, h, d = q.shape
