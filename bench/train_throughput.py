@@ -42,8 +42,8 @@ def matmul_baseline(m: int = 8192, n: int = 8192, k: int = 8192) -> float | None
     a = jax.random.normal(ka, (m, k), jnp.bfloat16)
     b = jax.random.normal(kb, (k, n), jnp.bfloat16)
     f = jax.jit(lambda a, b: a @ b)
-    # back to back, one wait per window, as every kernel benchmark here times (one wait per
-    # 1.7 ms call let launch gaps move this baseline between 528 and 576 TFLOP/s)
+    # back to back, one wait per window, as every kernel benchmark here times (timed with a
+    # wait per call, it read 528 and 576 TFLOP/s in two runs on one H200)
     return 2 * m * n * k / median_seconds(lambda: f(a, b), calls=20) / 1e12
 
 

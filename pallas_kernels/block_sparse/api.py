@@ -77,7 +77,7 @@ TUNED_TILINGS: dict[int, Tilings] = {
 
 # The warp-specialized kernels' tiling from `--sweep` on the H200 (docs/BENCHMARKS.md): 3 ring
 # stages (the most that fit) and tiles walked 8 columns at a time, so a band of X rows is reused
-# from L2 across 8 output columns; 4-8% over one column at a time at 16384x4096x16384, 75%.
+# from L2 across 8 output columns; 5-8% over one column at a time at 16384x4096x16384, 75%.
 TUNED_WARP_SPECIALIZED = kernel_mgpu.MosaicTiling(max_concurrent_steps=3, grid_block_n=8)
 
 
