@@ -108,16 +108,14 @@ def block_sparse_matmul(x: jax.Array, w: jax.Array, layout: BlockLayout, *, bloc
                         mosaic: kernel_mgpu.MosaicTiling | None = None) -> jax.Array:
     """`tilings` (Triton path) defaults to TUNED_TILINGS[block]; `block_t` sets every Triton
     kernel's row tile (tests use small ones); `mosaic` is the Mosaic GPU path's tiling (default:
-    TUNED_WARP_SPECIALIZED for the warp-specialized kernels, else MosaicTiling())."""
+    default_mosaic_tiling)."""
     if tilings is None:
         tilings = TUNED_TILINGS.get(block, Tilings())
     if block_t is not None:
         tilings = Tilings(*(dataclasses.replace(t, rows=block_t) for t in
                             (tilings.forward, tilings.input_grad, tilings.weight_grad)))
     implementations = per_product(implementation)
-    if mosaic is None:
-        ws = any(p.startswith(("mosaic_ws", "mosaic_stream")) for p in implementations)
-        mosaic = TUNED_WARP_SPECIALIZED if ws else kernel_mgpu.MosaicTiling()
+    mosaic = mosaic or default_mosaic_tiling(implementation)
     _check(x, w, layout, block, implementations, tilings)
     # rows are padded to a multiple of every row tile in use (all powers of two)
     row_tile = max(_mosaic_tiling(impl, mosaic).rows_per_tile if impl.startswith("mosaic")
@@ -135,11 +133,23 @@ def block_sparse_matmul(x: jax.Array, w: jax.Array, layout: BlockLayout, *, bloc
     return y[:rows].reshape(*lead, w.shape[1])
 
 
+def _warp_specialized(impl: str) -> bool:
+    """Whether one product's implementation is a warp-specialized Mosaic kernel."""
+    return impl.startswith(("mosaic_ws", "mosaic_stream"))
+
+
+def default_mosaic_tiling(implementation: str) -> kernel_mgpu.MosaicTiling:
+    """The Mosaic tiling block_sparse_matmul uses when given none: TUNED_WARP_SPECIALIZED when
+    any product runs a warp-specialized kernel, else MosaicTiling()."""
+    if any(_warp_specialized(p) for p in per_product(implementation)):
+        return TUNED_WARP_SPECIALIZED
+    return kernel_mgpu.MosaicTiling()
+
+
 def _mosaic_tiling(impl: str, tiling: kernel_mgpu.MosaicTiling) -> kernel_mgpu.MosaicTiling:
     """The Mosaic tiling with the variant that the implementation name selects."""
-    stream = impl.startswith("mosaic_stream")
-    return dataclasses.replace(tiling, warp_specialized=stream or impl.startswith("mosaic_ws"),
-                               stream=stream)
+    return dataclasses.replace(tiling, warp_specialized=_warp_specialized(impl),
+                               stream=impl.startswith("mosaic_stream"))
 
 
 # Each product is its own jit: a model's layers call it with equal shapes, and JAX lowers one

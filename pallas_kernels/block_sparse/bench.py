@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse import kernel
-from pallas_kernels.block_sparse.api import (TUNED_TILINGS, TUNED_WARP_SPECIALIZED, Tiling, Tilings,
-                                          block_sparse_matmul)
+from pallas_kernels.block_sparse.api import (TUNED_TILINGS, Tiling, Tilings, block_sparse_matmul,
+                                          default_mosaic_tiling)
 from pallas_kernels.block_sparse.kernel_mgpu import MosaicTiling
 from pallas_kernels.block_sparse.layout import build_layout
 from pallas_kernels.timing import median_seconds
@@ -54,9 +54,8 @@ def mosaic_tiling(implementation: str, base: MosaicTiling | None = None) -> Mosa
     """The Mosaic tiling a bench implementation name asks for: `base`, or when None the API's
     default for that kernel (None lets block_sparse_matmul choose it)."""
     if implementation.endswith("_d1"):
-        if base is None and implementation.startswith(("mosaic_ws", "mosaic_stream")):
-            base = TUNED_WARP_SPECIALIZED
-        return dataclasses.replace(base or MosaicTiling(), delay_release=1)
+        base = base or default_mosaic_tiling(RUNS_AS[implementation])
+        return dataclasses.replace(base, delay_release=1)
     return base
 
 

@@ -21,8 +21,8 @@ matmul example (jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py).
 
 Interpret-mode tests run these with the interpreter's race detector on. On the H200
 (2026-11-30, docs/BENCHMARKS.md) `stream` is the fastest forward and input grad at
-16384x4096x16384; the first weight_grad_stream (every tile, no token split) lost to
-Triton's split-K, and its kept-tiles, split-K successor here has not run on a GPU yet.
+16384x4096x16384; weight_grad_stream (kept tiles, split over tokens) beats Triton's split-K
+at 32768x2816x1024 but loses at 16384x4096x16384 and 32768x1024x1024, so Triton keeps dW.
 
 Shared memory: 3 stages of (2 block_m x 64 + 64 x b) bf16, plus a (2, block_m, b) epilogue
 buffer: 208 KiB at block_m = b = 128, under the H100/H200's 227 KiB.
