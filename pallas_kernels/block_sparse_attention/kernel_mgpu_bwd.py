@@ -54,8 +54,9 @@ def _two_products(a1, b1, a2, b2, shape, on_first):
     return pl.run_scoped(scope, acc, acc)
 
 
-def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_flight,
-        in_place=False, overlap=False, largest_first=True):
+def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret,
+        tiling: MosaicAttentionTiling):
+    in_place, overlap = tiling.backward_in_place, tiling.backward_overlap
     b, t, h, d = q.shape
     group = h // k.shape[2]
     wgs = block // ROWS
@@ -65,7 +66,7 @@ def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_fl
     def body(table_ref, count_ref, diagonal_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
              delta_ref, dq_ref, q_smem2, do_smem2, ds_smem2, lse_smem2, delta_smem2, loaded):
         head, i, batch, wg, count, steps, row_table = program_tiles(
-            table_ref, count_ref, diagonal_ref, layout, rows_grow=largest_first)
+            table_ref, count_ref, diagonal_ref, layout, rows_grow=tiling.largest_first)
 
         def compute(pipeline):
             q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
@@ -116,7 +117,7 @@ def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_fl
             return listed_block(row_table, count, i, s), 0
 
         pipeline = plgpu.emit_pipeline_warp_specialized(
-            step, grid=(steps,), max_concurrent_steps=steps_in_flight, num_compute_wgs=wgs,
+            step, grid=(steps,), max_concurrent_steps=tiling.dq_steps, num_compute_wgs=wgs,
             memory_registers=MEMORY_REGISTERS, wg_axis="wg", manual_consumed_barriers=True,
             compute_context=compute,
             in_specs=[plgpu.BlockSpec((block, d), kv_index, transforms=swizzled)] * 2)
@@ -134,9 +135,10 @@ def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_fl
         layout.q_table, layout.q_count, layout.diagonal, q, k, v, do, lse, delta)
 
 
-def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_flight,
-          in_place=False, overlap=False):
+def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret,
+          tiling: MosaicAttentionTiling):
     """(dK, dV) per query head: B x T x H x D each, in q's dtype."""
+    in_place, overlap = tiling.backward_in_place, tiling.backward_overlap
     b, t, h, d = q.shape
     group = h // k.shape[2]
     wgs = block // ROWS
@@ -224,7 +226,7 @@ def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret, steps_in_
             return (listed_block(col_table, count, j, s),)
 
         pipeline = plgpu.emit_pipeline_warp_specialized(
-            step, grid=(steps,), max_concurrent_steps=steps_in_flight, num_compute_wgs=wgs,
+            step, grid=(steps,), max_concurrent_steps=tiling.dkdv_steps, num_compute_wgs=wgs,
             memory_registers=MEMORY_REGISTERS, wg_axis="wg", manual_consumed_barriers=True,
             compute_context=compute,
             in_specs=[plgpu.BlockSpec((block, d), tile, transforms=swizzled)] * 2
@@ -247,14 +249,11 @@ def backward(q, k, v, o, lse, do, layout, *, block: int, scale: float, interpret
     """(dQ, dK, dV) from the forward's O and base-2 lse, as kernel.backward."""
     tiling = tiling or MosaicAttentionTiling()
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
-    common = {"block": block, "scale": scale, "interpret": interpret}
     if tiling.backward_overlap and not tiling.backward_in_place:
         raise ValueError("MosaicAttentionTiling.backward_overlap needs backward_in_place")
-    common |= {"in_place": tiling.backward_in_place, "overlap": tiling.backward_overlap}
-    dq = _dq(q, k, v, do, lse, delta, layout, steps_in_flight=tiling.dq_steps,
-             largest_first=tiling.largest_first, **common)
-    dk, dv = _dkdv(q, k, v, do, lse, delta, layout, steps_in_flight=tiling.dkdv_steps,
-                   **common)
+    common = {"block": block, "scale": scale, "interpret": interpret, "tiling": tiling}
+    dq = _dq(q, k, v, do, lse, delta, layout, **common)
+    dk, dv = _dkdv(q, k, v, do, lse, delta, layout, **common)
     b, t, h, d = q.shape
     hkv = k.shape[2]
     if hkv != h:  # sum the group's query heads, in fp32
