@@ -1,7 +1,7 @@
 """Sparse experts: the sparsity rules reach MoE expert stacks (E x d_in x d_out) like any
 linear layer. Exact per-stack densities, pruned expert weights stay zero through training,
 N:M valid inside every expert, ERK per expert, masks sharded like their kernels over
-`expert`, FLOP accounting at top_k / E, and low-rank experts refused at start-up."""
+`expert`, FLOP accounting at top_k / E. Low-rank experts: tests/test_lowrank_experts.py."""
 
 import math
 
@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from spjax.config import load_config
-from spjax.errors import ConfigError
 from spjax.sparsity.masks import erk_densities
 from spjax.train import flops as flops_lib
 from spjax.train.state import Program
@@ -94,10 +93,3 @@ def test_flops_count_sparse_experts_at_top_k_over_e():
     total = program.model_def.param_count()
     assert float(measured["nonzero_params"]) == total - (6 * expert_size - kept)
     assert math.isclose(kept / (6 * expert_size), 0.25, rel_tol=1e-3)
-
-
-def test_low_rank_experts_are_refused_at_start_up():
-    with pytest.raises(ConfigError, match="layers/0/moe/gate.*low-rank"):
-        Program.build(load_config(None, [*MODEL, "lowrank=lowrank",
-                                         'lowrank.rules=[[".*/moe/.*", lowrank], '
-                                         '[".*", dense]]']))

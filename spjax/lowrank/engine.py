@@ -51,11 +51,29 @@ def galore_targets(config: LowRankConfig) -> Callable[[tuple, jax.Array], bool]:
     rules = lowrank_rules(config)
 
     def is_target(path: tuple, leaf: jax.Array) -> bool:
-        keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
-        return (keys[-1] == "kernel" and leaf.ndim == 2
-                and rules.lookup("/".join(str(k) for k in keys[:-1]), "dense") == "lowrank")
+        module, leaf_name = _split_path(path)
+        return (leaf_name == "kernel" and leaf.ndim == 2
+                and rules.lookup(module, "dense") == "lowrank")
 
     return is_target
+
+
+def check_galore_targets(config: LowRankConfig, abstract_params: Any) -> None:
+    """GaLore's projection is defined on matrices: an MoE expert stack (E, d_in, d_out) that
+    the rules mark is an error at start-up, never silently left to plain Adam."""
+    rules = lowrank_rules(config)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+        name, leaf_name = _split_path(path)
+        if leaf_name == "kernel" and leaf.ndim == 3 and rules.lookup(name, "dense") == "lowrank":
+            raise ConfigError(f"lowrank.rules mark the expert stack '{name}' for GaLore, whose "
+                              f"projection is defined on matrices; leave MoE experts out of "
+                              f"lowrank.rules (they then train with plain Adam)")
+
+
+def _split_path(path: tuple) -> tuple[str, str]:
+    """A tree path -> (module name like 'layers/0/mlp/up', leaf name like 'kernel')."""
+    keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    return "/".join(keys[:-1]), keys[-1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +166,11 @@ class LowRankEngine:
         for i, layer in enumerate(self.layers):
             p = get_path(params, layer.path)
             w0 = get_path(structure, layer.path)["w0"]
-            w0, a, b = layers_lib.relora_merge(w0, p["a"], p["b"], layer.scale,
-                                               jax.random.fold_in(key, i))
+            layer_key = jax.random.fold_in(key, i)
+            if p["a"].ndim == 3:  # an expert stack: each expert its own re-initialized A
+                layer_key = jax.random.split(layer_key, p["a"].shape[0])
+            merge = _per_expert(layers_lib.relora_merge, p["a"].ndim, (0, 0, 0, None, 0))
+            w0, a, b = merge(w0, p["a"], p["b"], layer.scale, layer_key)
             structure = set_path(structure, layer.path + ("w0",), w0)
             params = set_path(params, layer.path, {**p, "a": a, "b": b})
             cleared[layer.path + ("a",)] = cleared[layer.path + ("b",)] = jnp.ones((), bool)
@@ -160,7 +181,7 @@ class LowRankEngine:
         cleared = {}
         for layer in self.layers:
             p = get_path(params, layer.path)
-            a, b = layers_lib.refactorize(p["a"], p["b"])
+            a, b = _per_expert(layers_lib.refactorize, p["a"].ndim)(p["a"], p["b"])
             params = set_path(params, layer.path, {**p, "a": a, "b": b})
             cleared[layer.path + ("a",)] = cleared[layer.path + ("b",)] = jnp.ones((), bool)
         return params, structure, zero_moments(opt_state, params, self._reset(params, cleared))
@@ -198,6 +219,12 @@ class LowRankEngine:
         operands = (params, structure, opt_state)
         operands = self._every(t, c.reorth_every, reorthogonalize, key, operands)
         return self._every(t, c.resample_every, resample, jax.random.fold_in(key, 7), operands)
+
+
+def _per_expert(fn: Callable, ndim: int, in_axes: Any = 0) -> Callable:
+    """`fn` on a layer's 2-D factors as is; on an MoE stack's (E, ., .) factors, vmapped over
+    the experts."""
+    return fn if ndim == 2 else jax.vmap(fn, in_axes=in_axes)
 
 
 def _find_modules(tree: Any, keys: set[str], prefix: tuple = ()) -> list[tuple[Any, ...]]:

@@ -8,8 +8,8 @@ and the expert-parallel all-to-all unchanged.
 
 The sparsity engine sees an (E, I, O) stack as the I x (E O) matrix of its experts side by
 side (`sparsity/engine.py: as_matrix`), so N:M groups run along each expert's input
-dimension and b x b blocks stay inside one expert. Low-rank structures have no expert form
-yet; asking for one is a start-up error.
+dimension and b x b blocks stay inside one expert. The low-rank structures with an expert
+form (lowrank, sltrain, relora) are in experts_lowrank.py.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ from flax import nnx
 from spjax.errors import ConfigError
 from spjax.model.blocksparse import BlockSparseLinear
 from spjax.model.experts import ExpertWeights, MaskedExpertWeights
+from spjax.model.experts_lowrank import (LOWRANK_EXPERTS, LowRankExpertWeights,
+                                         ReLoRAExpertWeights, SLTrainExpertWeights)
 from spjax.model.linear import Axes, DenseLinear, LinearSpec, MaskedLinear
 from spjax.model.lowrank import (LOSTLinear, LowRankLinear, ReLoRALinear, SLTrainLinear,
                                  SSTLinear)
@@ -28,7 +30,9 @@ STRUCTURES: dict[str, type[nnx.Module]] = {
 
 # the MoE expert stacks' classes, named for reports (memory per structure)
 EXPERT_STRUCTURES: dict[str, type[nnx.Module]] = {
-    "experts": ExpertWeights, "masked_experts": MaskedExpertWeights}
+    "experts": ExpertWeights, "masked_experts": MaskedExpertWeights,
+    "lowrank_experts": LowRankExpertWeights, "sltrain_experts": SLTrainExpertWeights,
+    "relora_experts": ReLoRAExpertWeights}
 
 
 def dense_everywhere(name: str) -> LinearSpec:
@@ -49,19 +53,17 @@ class LinearFactory:
                  out_dtype: jnp.dtype | None = None) -> nnx.Module:
         spec = self.assign(name)
         cls = STRUCTURES[spec.structure]
-        try:
-            return cls(d_in, d_out, axes=axes, init_std=self.init_std,
-                       param_dtype=self.param_dtype, compute_dtype=self.compute_dtype,
-                       out_dtype=out_dtype or self.compute_dtype, rngs=rngs, spec=spec)
-        except ConfigError as e:  # structures cannot know their layer's name: add it
-            raise ConfigError(f"layer '{name}': {str(e).splitlines()[0]}") from None
+        return _named(name, lambda: cls(
+            d_in, d_out, axes=axes, init_std=self.init_std, param_dtype=self.param_dtype,
+            compute_dtype=self.compute_dtype, out_dtype=out_dtype or self.compute_dtype,
+            rngs=rngs, spec=spec))
 
     def experts(self, name: str, experts: int, d_in: int, d_out: int, axes: Axes,
                 rngs: nnx.Rngs) -> ExpertWeights:
-        """An MoE layer's stack of `experts` weights, dense or masked by `assign(name)`.
-        Block-sparse specs give a masked stack: the grouped GEMMs have no block-sparse form,
-        so block masks are applied to the weights (the tables of the dense layers' kernels
-        do not apply here)."""
+        """An MoE layer's stack of `experts` weights: dense, masked, or one of the low-rank
+        structures with an expert form (experts_lowrank.py), by `assign(name)`. Block-sparse
+        specs give a masked stack: the grouped GEMMs have no block-sparse form, so block masks
+        are applied to the weights (the tables of the dense layers' kernels do not apply)."""
         spec = self.assign(name)
         kwargs = dict(axes=axes, init_std=self.init_std, param_dtype=self.param_dtype,
                       rngs=rngs)
@@ -69,6 +71,17 @@ class LinearFactory:
             return ExpertWeights(experts, d_in, d_out, **kwargs)
         if spec.structure in ("masked", "blocksparse"):
             return MaskedExpertWeights(experts, d_in, d_out, **kwargs)
-        raise ConfigError(f"layer '{name}': expert weights cannot take the low-rank structure "
-                          f"'{spec.structure}' yet; leave MoE experts out of lowrank.rules "
-                          f"(names like 'layers/0/moe/gate')")
+        if spec.structure not in LOWRANK_EXPERTS:
+            raise ConfigError(f"layer '{name}': expert weights have no '{spec.structure}' form "
+                              f"(experts take {', '.join(LOWRANK_EXPERTS)}); leave MoE experts "
+                              f"out of lowrank.rules (names like 'layers/0/moe/gate')")
+        cls = LOWRANK_EXPERTS[spec.structure]
+        return _named(name, lambda: cls(experts, d_in, d_out, spec=spec, **kwargs))
+
+
+def _named(name: str, build: Callable[[], nnx.Module]) -> nnx.Module:
+    """build(), its ConfigError prefixed with the layer's name (structures cannot know it)."""
+    try:
+        return build()
+    except ConfigError as e:
+        raise ConfigError(f"layer '{name}': {str(e).splitlines()[0]}") from None

@@ -33,7 +33,8 @@ from spjax.rules import Rules
 from spjax.sparsity.accounting import Accounting
 from spjax.sparsity.engine import SparsityEngine, layer_assignment
 from spjax.errors import ConfigError
-from spjax.lowrank.engine import LowRankEngine, galore_targets, lowrank_assignment
+from spjax.lowrank.engine import (LowRankEngine, check_galore_targets, galore_targets,
+                                  lowrank_assignment)
 from spjax.model.attention_gate import is_gate_param
 from spjax.train.optimizer import GaLoreSettings, build_optimizer, lr_schedule, train_only
 
@@ -107,6 +108,7 @@ class Program:
         factor = lowrank.lr_factor if lowrank is not None else None
         galore = None
         if config.lowrank.method == "galore":
+            check_galore_targets(config.lowrank, nnx.to_pure_dict(model_def.abstract_params))
             rank, _ = config.lowrank.resolved_rank_alpha(config.model.name, config.model.d_model)
             galore = GaLoreSettings(rank, config.lowrank.galore.update_every,
                                     config.lowrank.galore.scale, galore_targets(config.lowrank))
