@@ -108,9 +108,10 @@ class AttentionPatternConfig:
     stride: int = 0  # strided: distance between the strided key blocks
     dilation: int = 1  # dilated: blocks between kept key blocks
     path: str = ""  # file: a .npy block mask (T/block, T/block) or (query heads, ...)
-    # auto: the Triton-lowered Pallas kernels on GPU, the reference elsewhere; mosaic: Mosaic
-    # GPU (Hopper, bf16, blocks 64/128, head_dim 64/128); mosaic_fwd: Mosaic forward, Triton
-    # backward; *interpret: the same kernels interpreted on CPU (tests)
+    # auto: Mosaic GPU on Hopper at block 128 (bf16/f16, head_dim 64/128), the Triton-lowered
+    # Pallas kernels on other GPUs, the reference elsewhere; mosaic: Mosaic GPU (Hopper, bf16,
+    # blocks 64/128, head_dim 64/128); mosaic_fwd: Mosaic forward, Triton backward;
+    # *interpret: the same kernels interpreted on CPU (tests)
     kernel: Literal["auto", "pallas", "xla", "interpret", "mosaic", "mosaic_fwd",
                     "mosaic_interpret"] = "auto"
     gate: AttentionGateConfig = AttentionGateConfig()  # `learned` layers

@@ -120,6 +120,37 @@ def test_mosaic_kernels_in_the_model_match_the_reference_path():
             assert float(jnp.max(jnp.abs(a - b))) < 2.5e-2 * scale, kernel  # 1.2% measured
 
 
+def test_auto_kernel_is_mosaic_on_hopper_at_block_128_in_16_bits_and_triton_elsewhere(
+        monkeypatch):
+    from spjax.model import sparse_attention
+
+    monkeypatch.setattr(sparse_attention.jax, "default_backend", lambda: "gpu")
+    hopper = {"value": True}
+    monkeypatch.setattr(sparse_attention, "hopper_gpu", lambda: hopper["value"])
+    resolve = sparse_attention.resolve_kernel
+    assert resolve("auto", jnp.bfloat16, 128, 128) == "mosaic"
+    assert resolve("auto", jnp.float16, 128, 64) == "mosaic"
+    for dtype, block, head_dim in ((jnp.float32, 128, 128), (jnp.bfloat16, 64, 128),
+                                   (jnp.bfloat16, 128, 32)):
+        assert resolve("auto", dtype, block, head_dim) == "pallas", (dtype, block, head_dim)
+    hopper["value"] = False
+    assert resolve("auto", jnp.bfloat16, 128, 128) == "pallas"
+    # the model's attention asks with its own q: dtype, block and head_dim reach the choice
+    hopper["value"] = True
+    seen = []
+    monkeypatch.setattr(sparse_attention, "block_sparse_attention",
+                        lambda q, k, v, tables, block, implementation: seen.append(
+                            implementation) or q)
+    section = _config("model.attention_pattern.block=128", "data.seq_len=256",
+                      "model.attention_pattern.window=128",
+                      rules='[[".*", sliding_window]]').model.attention_pattern
+    q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    sparse_attention.attend(q, q, q, "sliding_window", section, "layers/0/attn")
+    sparse_attention.attend(q.astype(jnp.float32), q, q, "sliding_window", section,
+                            "layers/0/attn")
+    assert seen == ["mosaic", "pallas"]
+
+
 def test_sharded_kernels_equal_single_device():
     """Under a mesh the kernels run in shard_map: batch over data, heads over tensor."""
     config = _config("model.attention_pattern.window=32", "model.attention_pattern.kernel="
