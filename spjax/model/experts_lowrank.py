@@ -17,17 +17,14 @@ and per-step spectral selection are per matrix); asking for one is a start-up er
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spjax.errors import ConfigError
 from spjax.model.experts import ExpertWeights
 from spjax.model.linear import Axes, LinearSpec, normal_init
-from spjax.model.lowrank import (FrozenKernel, SparseIndex, _check_alpha, _check_density,
-                                 _check_rank, kaiming_uniform)
+from spjax.model.lowrank import (FrozenKernel, SparseIndex, _check_alpha, _check_rank,
+                                 kaiming_uniform, sltrain_nnz)
 
 
 def _factors(module: nnx.Module, kind: str, experts: int, d_in: int, d_out: int, axes: Axes,
@@ -71,12 +68,7 @@ class SLTrainExpertWeights(ExpertWeights):
     def __init__(self, experts: int, d_in: int, d_out: int, *, axes: Axes, init_std: float,
                  param_dtype: jnp.dtype, rngs: nnx.Rngs, spec: LinearSpec):
         del init_std
-        density = _check_density("sltrain", d_in, d_out, spec.density)
-        nnz = math.floor(density * d_in * d_out)
-        if nnz < 1 or d_in * d_out >= 2**31:
-            raise ConfigError(f"sltrain experts {d_in}x{d_out}: lowrank.density={density} "
-                              f"gives {nnz} sparse entries per expert (need >= 1, int32 flat "
-                              f"indices); raise lowrank.density or mark the experts dense")
+        nnz = sltrain_nnz(d_in, d_out, spec.density)  # per expert
         _factors(self, "sltrain", experts, d_in, d_out, axes, spec, param_dtype, rngs,
                  b_zero=True)
         self.shape = (d_in, d_out)

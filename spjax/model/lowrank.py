@@ -93,6 +93,18 @@ def _check_density(kind: str, d_in: int, d_out: int, density: float) -> float:
     return density
 
 
+def sltrain_nnz(d_in: int, d_out: int, density: float) -> int:
+    """Entries of SLTrain's random support in one d_in x d_out matrix: floor(delta d_in d_out),
+    at least one, addressable by int32 flat indices."""
+    density = _check_density("sltrain", d_in, d_out, density)
+    nnz = math.floor(density * d_in * d_out)
+    if nnz < 1 or d_in * d_out >= 2**31:
+        raise ConfigError(f"sltrain layer {d_in}x{d_out}: lowrank.density={density} gives "
+                          f"{nnz} sparse entries (need >= 1, int32 flat indices); raise "
+                          f"lowrank.density or mark the layer dense in lowrank.rules")
+    return nnz
+
+
 def _svd(w_IxO: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Thin SVD in fp32: (U (I, m), s (m,) descending, Vt (m, O)), m = min(I, O)."""
     return jnp.linalg.svd(w_IxO.astype(jnp.float32), full_matrices=False)
@@ -158,12 +170,7 @@ class SLTrainLinear(_Structure):
         del init_std
         r = _check_rank("sltrain", d_in, d_out, spec.rank)
         self.scale = _check_alpha("sltrain", d_in, d_out, spec.alpha) / r
-        density = _check_density("sltrain", d_in, d_out, spec.density)
-        nnz = math.floor(density * d_in * d_out)
-        if nnz < 1 or d_in * d_out >= 2**31:
-            raise ConfigError(f"sltrain layer {d_in}x{d_out}: lowrank.density={density} gives "
-                              f"{nnz} sparse entries (need >= 1, int32 flat indices); raise "
-                              f"lowrank.density or mark the layer dense in lowrank.rules")
+        nnz = sltrain_nnz(d_in, d_out, spec.density)
         self.shape = (d_in, d_out)
         self._dtypes(param_dtype, compute_dtype, out_dtype)
         self.a = nnx.Param(kaiming_uniform(rngs.params(), (d_in, r), d_in, param_dtype),
