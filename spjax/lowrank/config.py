@@ -14,6 +14,9 @@ Structures replace the weight of the layers the rules mark `lowrank`:
   lost     SVD init: top-r factors + channel-wise sparse complement
   sst      W = U diag(s) V, r pairs trained per step     relora   W = W0 (frozen) + (alpha/r) A B
 `galore` keeps dense weights and projects their gradients (an optax transformation).
+Rules may also mark MoE expert stacks (`layers/0/moe/gate`, ...) for lowrank, sltrain or
+relora: one factorization per expert (model/experts_lowrank.py); the default rules leave
+experts dense.
 """
 
 from __future__ import annotations
