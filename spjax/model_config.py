@@ -114,6 +114,10 @@ class AttentionPatternConfig:
     # *interpret: the same kernels interpreted on CPU (tests)
     kernel: Literal["auto", "pallas", "xla", "interpret", "mosaic", "mosaic_fwd",
                     "mosaic_interpret"] = "auto"
+    # Mosaic kernels: the backward as one fused kernel (dQ added across key blocks by TMA
+    # reduce-add; 1.2x faster dense-pattern forward+backward on the H200) or, false, the
+    # separate dQ and dK/dV kernels
+    fused_backward: bool = True
     gate: AttentionGateConfig = AttentionGateConfig()  # `learned` layers
 
     def pattern_for(self, layer: str) -> str:

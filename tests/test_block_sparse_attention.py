@@ -273,12 +273,44 @@ def test_gpu_mosaic_backward_in_place_matches_the_reference(block, d, hkv, overl
     b, t, h = 2, 1024, 4
     q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=block + d + hkv + 1)
     mask = _mask(jax.random.key(block + hkv + 1), "per_head", b, h, t // block, 0.4)
-    tiling = kernel_mgpu.MosaicAttentionTiling(backward_in_place=True, backward_overlap=overlap)
+    tiling = kernel_mgpu.MosaicAttentionTiling(fused_backward=False, backward_in_place=True,
+                                               backward_overlap=overlap)
     ours = _grads(q, k, v, mask, do, block, True, "mosaic", mosaic=tiling)
     refs = _reference_grads(q, k, v, mask, do, block, True)
     for name, a, r in zip(("o", "dq", "dk", "dv"), ours, refs):
         assert not np.any(np.isnan(np.asarray(a, np.float32))), name
         assert _relative_error(a, r) < 2e-2, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [False, True], ids=["own_keys", "split_dq"])
+@pytest.mark.parametrize("steps", [2, 3])
+@pytest.mark.parametrize("block, d", [(64, 64), (64, 128), (128, 64), (128, 128)])
+@pytest.mark.parametrize("kind, density, causal, hkv", [("per_head", 0.4, True, 4),
+                                                        ("shared", 1.0, True, 1),
+                                                        ("per_sequence_head", 0.3, False, 2)])
+def test_gpu_mosaic_fused_backward_matches_the_reference(block, d, hkv, steps, kind, density,
+                                                         causal, split):
+    """The fused backward on the hardware: real TMA reduce-adds from every key block into
+    dQ (which must arrive zeroed), real waits before the staging tile is rewritten, the
+    barrier between the warpgroups of split_dq, and the shared-memory budget of each ring depth (3 may not fit at block 128: skipped)."""
+    b, t, h = 2, 1024, 4
+    q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=block + d + hkv + steps)
+    mask = _mask(jax.random.key(block + hkv + 3), kind, b, h, t // block, density)
+    tiling = kernel_mgpu.MosaicAttentionTiling(fused_backward=True, fused_steps=steps,
+                                               fused_split_dq=split)
+    try:
+        ours = _grads(q, k, v, mask, do, block, causal, "mosaic", mosaic=tiling)
+    except Exception as e:  # noqa: BLE001 - only the shared-memory overflow may skip
+        if "shared memory" in str(e).lower() or "smem" in str(e).lower():
+            pytest.skip(f"ring depth {steps} does not fit: {str(e)[:200]}")
+        raise
+    refs = _reference_grads(q, k, v, mask, do, block, causal)
+    for name, a, r in zip(("o", "dq", "dk", "dv"), ours, refs):
+        assert not np.any(np.isnan(np.asarray(a, np.float32))), name
+        assert _relative_error(a, r) < 2e-2, name
+    empty = _empty_rows(mask, b, h, t, block, causal)
+    assert np.all(np.asarray(ours[1], np.float32)[empty] == 0.0)  # dQ: zeroed, never added
 
 
 @pytest.mark.gpu
@@ -299,16 +331,21 @@ def test_the_benchmark_runs_on_cpu_in_interpret_mode():
 
     assert bench.RUNS_AS["mosaic_fresh"] == bench.RUNS_AS["mosaic_acc"] == bench.RUNS_AS["mosaic"]
     default = kernel_mgpu.MosaicAttentionTiling()
-    assert default.backward_in_place and default.backward_overlap
+    assert default.fused_backward and default.fused_split_dq  # measured fastest (BENCHMARKS)
+    two = bench.TILINGS["mosaic_two_kernels"]
+    assert not two.fused_backward and two.backward_in_place and two.backward_overlap
+    assert not bench.TILINGS["mosaic_fresh"].fused_backward
     assert not bench.TILINGS["mosaic_fresh"].backward_in_place
     assert not bench.TILINGS["mosaic_acc"].backward_overlap
+    assert not bench.TILINGS["mosaic_fused"].fused_split_dq
+    assert bench.TILINGS["mosaic_split"] == default
     assert default.largest_first and not bench.TILINGS["mosaic_in_order"].largest_first
 
-    # --sweep's Mosaic tilings: the default and each kernel's ring depth varied alone
+    # --sweep's Mosaic tilings: the default and each ring depth or the dQ split varied alone
     candidates = bench.mosaic_candidates()
-    assert candidates["default"] == default and len(set(candidates.values())) == 7
+    assert candidates["default"] == default and len(set(candidates.values())) == 5
     for label, tiling in candidates.items():
-        changed = [f for f in ("forward_steps", "dq_steps", "dkdv_steps")
+        changed = [f for f in ("forward_steps", "fused_steps", "fused_split_dq")
                    if getattr(tiling, f) != getattr(default, f)]
         assert changed == ([] if label == "default" else [label.split("=")[0]])
 
@@ -338,33 +375,42 @@ def test_gpu_mosaic_non_causal_and_per_sequence_masks(block):
 # Rows list 1..4 tiles: step counts below, at and above the ring depth, not multiples of it.
 MOSAIC_CASES = [
     (1, 256, 4, 2, 64, 64, 0.6, "per_head", True, 2),  # GQA 2, an empty block row per head
-    (1, 256, 2, 1, 64, 128, 1.0, "shared", True, 3),  # MQA, dense causal, 2 consumer wgs
+    (1, 256, 2, 1, 128, 128, 1.0, "shared", True, 3),  # MQA, dense causal, 2 consumer wgs
     (2, 128, 2, 2, 64, 64, 0.5, "per_sequence_head", False, 2),  # non-causal, empty rows
 ]
 
 
-# the backward's forms: (backward_in_place, backward_overlap)
-BACKWARD_FORMS = {"fresh_acc": (False, False), "in_place": (True, False), "overlap": (True, True)}
+# the backward's forms: MosaicAttentionTiling fields (two kernels with fresh accumulators, in
+# place, in place with S and dP issued together; one fused kernel adding dQ by reduce-add)
+BACKWARD_FORMS = {
+    "fresh_acc": dict(fused_backward=False, backward_in_place=False, backward_overlap=False),
+    "in_place": dict(fused_backward=False, backward_in_place=True, backward_overlap=False),
+    "overlap": dict(fused_backward=False, backward_in_place=True, backward_overlap=True),
+    "fused_own_keys": dict(fused_backward=True, fused_split_dq=False),
+    "fused_split_dq": dict(fused_backward=True, fused_split_dq=True),  # the default
+}
 
 
-# in_place alone is the slow suite's: overlap runs the same accumulators plus its own order
-@pytest.mark.parametrize("form", [pytest.param(f, marks=pytest.mark.slow) if f == "in_place"
-                                  else f for f in BACKWARD_FORMS])
+# the two-kernel forms before overlap are the slow suite's: overlap runs the same
+# accumulators plus its own order
+@pytest.mark.parametrize("form", [pytest.param(f, marks=pytest.mark.slow)
+                                  if f in ("in_place", "fresh_acc") else f
+                                  for f in BACKWARD_FORMS])
 @pytest.mark.parametrize("case", MOSAIC_CASES, ids=lambda c: f"B{c[0]}T{c[1]}H{c[2]}-{c[3]}"
                          f"-b{c[5]}-d{c[6]}-{c[7]}-{'causal' if c[8] else 'full'}-ring{c[9]}")
 def test_mosaic_kernels_in_interpret_mode_match_the_reference(case, form):
     """Forward, dQ and dK/dV of the Mosaic GPU kernels, run by Mosaic GPU's interpreter, on
     fresh random bf16 data against jax.vjp of the fp32 reference; the backward with a fresh
-    accumulator per product, accumulating in place, and in place with S and dP issued
-    together."""
+    accumulator per product, accumulating in place, in place with S and dP issued together,
+    and fused into one kernel (dQ added across key blocks by the interpreted TMA reduce-add:
+    its rows must arrive zeroed, and empty rows stay 0)."""
     b, t, h, hkv, d, block, density, kind, causal, ring = case
     q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=sum(case[:6]))
     mask = _mask(jax.random.key(t + h + block), kind, b, h, t // block, density)
-    in_place, overlap = BACKWARD_FORMS[form]
     # the fresh-accumulator form also starts programs in grid order; the others start the
     # longest causal rows first, so block i's program must still read and write block i
-    tiling = kernel_mgpu.MosaicAttentionTiling(ring, ring, ring, backward_in_place=in_place,
-                                               backward_overlap=overlap,
+    tiling = kernel_mgpu.MosaicAttentionTiling(ring, ring, ring, **BACKWARD_FORMS[form],
+                                               fused_steps=ring,
                                                largest_first=form != "fresh_acc")
 
     @jax.jit
@@ -415,8 +461,11 @@ def test_mosaic_kernels_lower_for_cuda_on_this_cpu(block, d, form):
     def fb(q, k, v, do):
         o, vjp = jax.vjp(lambda q, k, v: block_sparse_attention(
             q, k, v, mask, block=block, implementation="mosaic",
-            mosaic=kernel_mgpu.MosaicAttentionTiling(2, 2, 2, *BACKWARD_FORMS[form])), q, k, v)
+            mosaic=kernel_mgpu.MosaicAttentionTiling(2, 2, 2, **BACKWARD_FORMS[form])), q, k, v)
         return (o, *vjp(do))
 
     text = jax.jit(fb).trace(q, kv, kv, q).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("mosaic_gpu") >= 3  # forward, dQ, dK/dV kernels
+    # forward, dQ, dK/dV kernels; forward and the fused backward
+    fused = form.startswith("fused")
+    assert text.count("mosaic_gpu") >= (2 if fused else 3)
+    assert ("block_sparse_attention_fused_bwd" in text) == fused

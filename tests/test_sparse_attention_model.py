@@ -139,8 +139,8 @@ def test_auto_kernel_is_mosaic_on_hopper_at_block_128_in_16_bits_and_triton_else
     hopper["value"] = True
     seen = []
     monkeypatch.setattr(sparse_attention, "block_sparse_attention",
-                        lambda q, k, v, tables, block, implementation: seen.append(
-                            implementation) or q)
+                        lambda q, k, v, tables, block, implementation, mosaic: seen.append(
+                            (implementation, mosaic.fused_backward)) or q)
     section = _config("model.attention_pattern.block=128", "data.seq_len=256",
                       "model.attention_pattern.window=128",
                       rules='[[".*", sliding_window]]').model.attention_pattern
@@ -148,7 +148,10 @@ def test_auto_kernel_is_mosaic_on_hopper_at_block_128_in_16_bits_and_triton_else
     sparse_attention.attend(q, q, q, "sliding_window", section, "layers/0/attn")
     sparse_attention.attend(q.astype(jnp.float32), q, q, "sliding_window", section,
                             "layers/0/attn")
-    assert seen == ["mosaic", "pallas"]
+    # and the Mosaic backward's form from the config (fused by default)
+    unfused = dataclasses.replace(section, fused_backward=False)
+    sparse_attention.attend(q, q, q, "sliding_window", unfused, "layers/0/attn")
+    assert seen == [("mosaic", True), ("pallas", True), ("mosaic", False)]
 
 
 def test_sharded_kernels_equal_single_device():

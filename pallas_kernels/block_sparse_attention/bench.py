@@ -47,15 +47,30 @@ RUNS_AS = {"pallas": PALLAS,
            "mosaic": "mosaic" if ON_GPU else "mosaic_interpret",
            # forward on Mosaic GPU, dQ and dK/dV on Triton (api: one per pass)
            "mosaic_fwd": "mosaic,pallas" if ON_GPU else "mosaic_interpret,interpret",
-           # the backward's earlier forms, to compare with the default (in place, overlapped)
-           # in one run: a fresh accumulator per step; in place without the overlap
+           # the two-kernel backward (dQ, dK/dV) and its earlier forms, to compare with the
+           # default (fused, split dQ) in one run: in place and overlapped; a fresh
+           # accumulator per step; in place without the overlap
+           "mosaic_two_kernels": "mosaic" if ON_GPU else "mosaic_interpret",
            "mosaic_fresh": "mosaic" if ON_GPU else "mosaic_interpret",
            "mosaic_acc": "mosaic" if ON_GPU else "mosaic_interpret",
            # the default with programs started in grid order (shortest causal rows first)
-           "mosaic_in_order": "mosaic" if ON_GPU else "mosaic_interpret"}
-TILINGS = {"mosaic_fresh": MosaicAttentionTiling(backward_in_place=False, backward_overlap=False),
-           "mosaic_acc": MosaicAttentionTiling(backward_in_place=True, backward_overlap=False),
-           "mosaic_in_order": MosaicAttentionTiling(largest_first=False)}
+           "mosaic_in_order": "mosaic" if ON_GPU else "mosaic_interpret",
+           # the fused backward with each warpgroup adding its own keys' dQ, ring depths 2, 3
+           "mosaic_fused": "mosaic" if ON_GPU else "mosaic_interpret",
+           "mosaic_fused3": "mosaic" if ON_GPU else "mosaic_interpret",
+           # fused, each warpgroup computing half of dQ's columns (fused_split_dq: the default)
+           "mosaic_split": "mosaic" if ON_GPU else "mosaic_interpret",
+           "mosaic_split3": "mosaic" if ON_GPU else "mosaic_interpret"}
+TWO_KERNELS = MosaicAttentionTiling(fused_backward=False)
+TILINGS = {"mosaic_two_kernels": TWO_KERNELS,
+           "mosaic_fresh": dataclasses.replace(TWO_KERNELS, backward_in_place=False,
+                                               backward_overlap=False),
+           "mosaic_acc": dataclasses.replace(TWO_KERNELS, backward_overlap=False),
+           "mosaic_in_order": MosaicAttentionTiling(largest_first=False),
+           "mosaic_fused": MosaicAttentionTiling(fused_split_dq=False),
+           "mosaic_fused3": MosaicAttentionTiling(fused_split_dq=False, fused_steps=3),
+           "mosaic_split": MosaicAttentionTiling(fused_split_dq=True),
+           "mosaic_split3": MosaicAttentionTiling(fused_split_dq=True, fused_steps=3)}
 
 
 def random_causal_mask(seed: int, n: int, sparsity: float) -> np.ndarray:
@@ -176,15 +191,15 @@ def sweep(t: int, batch: int, heads: int, kv_heads: int, head_dim: int, block: i
 
 
 def mosaic_candidates() -> dict[str, MosaicAttentionTiling]:
-    """`--sweep`'s Mosaic tilings: the default, then each kernel's TMA ring depth varied
-    alone (the three kernels hold different tiles per slot, so one shared depth that is
-    best for one can overflow another's shared memory)."""
+    """`--sweep`'s Mosaic tilings: the default, then each of its kernels' TMA ring depths
+    and the fused backward's dQ split varied alone (the kernels hold different tiles per
+    slot, so one shared depth that is best for one can overflow another's shared memory)."""
     default = MosaicAttentionTiling()
     candidates = {"default": default}
-    for field, depths in (("forward_steps", (3, 4)), ("dq_steps", (3, 4)),
-                          ("dkdv_steps", (1, 3))):
-        for depth in depths:
-            candidates[f"{field}={depth}"] = dataclasses.replace(default, **{field: depth})
+    for field, values in (("forward_steps", (3, 4)), ("fused_steps", (3,)),
+                          ("fused_split_dq", (not default.fused_split_dq,))):
+        for value in values:
+            candidates[f"{field}={value}"] = dataclasses.replace(default, **{field: value})
     return candidates
 
 

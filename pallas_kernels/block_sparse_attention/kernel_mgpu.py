@@ -58,7 +58,7 @@ class MosaicAttentionTiling:
     forward_steps: int = 2
     dq_steps: int = 2
     dkdv_steps: int = 2
-    # backward: dQ, dK and dV accumulate in place in wgmma accumulators through the pipeline
+    # two-kernel backward: dQ, dK and dV accumulate in place in wgmma accumulators
     # (no per-step zero accumulator, register copy and add); the interpreter runs this form,
     # since these sums need no rescaling (the forward's O does, so it keeps `matmul`)
     # (on by default: with backward_overlap, forward+backward is 5-8% faster on the H200 than
@@ -69,6 +69,17 @@ class MosaicAttentionTiling:
     backward_overlap: bool = True
     # forward and dQ under a causal mask: start the longest table rows first (program_tiles)
     largest_first: bool = True
+    # backward as one kernel (kernel_mgpu_fused_bwd.py: five products a tile, dQ added
+    # across key blocks by TMA reduce-add) instead of the dQ and dK/dV kernels (seven; the
+    # three fields above shape those); on the H200 the dense pattern goes from 0.56-0.59x
+    # cuDNN to 0.69-0.70x, 32k at 90% from 5.02x to 5.84x (docs/BENCHMARKS.md)
+    fused_backward: bool = True
+    fused_steps: int = 2  # its TMA ring depth, in 64-row (Q + dO) query steps (3: slower)
+    # fused, two warpgroups: each computes half of dQ's columns from both warpgroups' dS^T
+    # (a barrier between them every step) instead of all columns from its own keys: half
+    # the reduce-add traffic, the staging tile and the dQ accumulator (needs head_dim / 2 a
+    # multiple of 64; otherwise the own-keys form runs). 0.64x -> 0.70x dense at block 128
+    fused_split_dq: bool = True
 
 
 def transforms(dtype) -> tuple:
@@ -103,14 +114,16 @@ def program_tiles(table_ref, count_ref, diagonal_ref, layout, *, rows_grow: bool
     return head, i, batch, wg, count, steps, table_ref.at[mb, mh, i]
 
 
-def causal_mask(s, is_diagonal, row_offset: int | jax.Array, transposed: bool):
-    """On the diagonal step only, hide key c from query r when c > r (tile-local indices;
-    this warpgroup's rows start at `row_offset`). `transposed`: s is keys x queries (dK/dV).
-    Off the diagonal the limit is out of reach, so nothing is hidden."""
+def causal_mask(s, is_diagonal, row_offset: int | jax.Array, transposed: bool,
+                col_offset: int | jax.Array = 0):
+    """On the diagonal step only, hide key c from query r when c > r (indices within the
+    block; this warpgroup's rows start at `row_offset`, the tile's columns at `col_offset`).
+    `transposed`: s is keys x queries (dK/dV). Off the diagonal the limit is out of reach,
+    so nothing is hidden."""
     rows = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0) + row_offset
-    cols = jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    cols = jax.lax.broadcasted_iota(jnp.int32, s.shape, 1) + col_offset
     query, key = (cols, rows) if transposed else (rows, cols)
-    reach = jnp.where(is_diagonal, 0, s.shape[0] + s.shape[1])
+    reach = jnp.where(is_diagonal, 0, 1 << 20)  # beyond any index within a block
     return jnp.where(key <= query + reach, s, MASK_VALUE)
 
 

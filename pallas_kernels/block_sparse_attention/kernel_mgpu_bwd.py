@@ -252,8 +252,12 @@ def backward(q, k, v, o, lse, do, layout, *, block: int, scale: float, interpret
     if tiling.backward_overlap and not tiling.backward_in_place:
         raise ValueError("MosaicAttentionTiling.backward_overlap needs backward_in_place")
     common = {"block": block, "scale": scale, "interpret": interpret, "tiling": tiling}
-    dq = _dq(q, k, v, do, lse, delta, layout, **common)
-    dk, dv = _dkdv(q, k, v, do, lse, delta, layout, **common)
+    if tiling.fused_backward:
+        from pallas_kernels.block_sparse_attention.kernel_mgpu_fused_bwd import fused_backward
+        dq, dk, dv = fused_backward(q, k, v, do, lse, delta, layout, **common)
+    else:
+        dq = _dq(q, k, v, do, lse, delta, layout, **common)
+        dk, dv = _dkdv(q, k, v, do, lse, delta, layout, **common)
     b, t, h, d = q.shape
     hkv = k.shape[2]
     if hkv != h:  # sum the group's query heads, in fp32

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels.block_sparse_attention import (AttentionLayout, BlockSparseAttentionError,
                                                    block_sparse_attention, build_layout)
 from pallas_kernels.block_sparse_attention.api import MOSAIC_DTYPES, MOSAIC_HEAD_DIMS
+from pallas_kernels.block_sparse_attention.kernel_mgpu import MosaicAttentionTiling
 from pallas_kernels.device import hopper_gpu
 from spjax import parallel
 from spjax.config import AttentionPatternConfig
@@ -101,7 +102,8 @@ def _run(q, k, v, tables: AttentionLayout, section: AttentionPatternConfig, name
          ) -> jax.Array:
     implementation = resolve_kernel(section.kernel, q.dtype, section.block, q.shape[-1])
     call = functools.partial(block_sparse_attention, block=section.block,
-                             implementation=implementation)
+                             implementation=implementation,
+                             mosaic=MosaicAttentionTiling(fused_backward=section.fused_backward))
     try:
         active = parallel.active()
         if implementation == "xla" or active is None:
