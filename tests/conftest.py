@@ -31,6 +31,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _client_conf(server_conf: Path) -> Path:
+    """The cluster's slurm.conf for the client commands, with MinJobAge=4.
+
+    `sbatch --wait` polls the job 2 s after submission and then backs off (8 s, 32 s) while
+    its wait is below the MinJobAge it reads from its own config: under the cluster's 60 s a
+    job that takes 15 s is seen done only at 42 s. With 4 it polls every 2 s. slurmctld
+    keeps its own MinJobAge=60, so finished jobs stay queryable as before; the jobs, srun
+    and the exit codes `sbatch --wait` returns are unchanged."""
+    lines = server_conf.read_text().splitlines()
+    assert any(line.startswith("MinJobAge=") for line in lines), "slurm.conf has no MinJobAge"
+    client = server_conf.with_name("slurm-client.conf")
+    client.write_text("".join(("MinJobAge=4" if line.startswith("MinJobAge=") else line) + "\n"
+                              for line in lines))
+    return client
+
+
 @pytest.fixture
 def slurm(tmp_path_factory):
     """A single-node SLURM on loopback (launch/slurm_local.sh); skipped, with the reason,
@@ -55,7 +71,7 @@ def slurm(tmp_path_factory):
             pytest.skip(f"could not install or start SLURM: {start.stderr.strip()[-300:]}")
         assert start.returncode == 0, start.stderr
         try:
-            yield {**env, "SLURM_CONF": str(directory / "slurm.conf")}
+            yield {**env, "SLURM_CONF": str(_client_conf(directory / "slurm.conf"))}
         finally:
             subprocess.run(["bash", "launch/slurm_local.sh", "stop", str(directory)], cwd=ROOT,
                            env=env, capture_output=True, timeout=120)

@@ -205,10 +205,15 @@ def test_warm_up_is_dense_and_the_model_counts_gate_params():
     nnx.update(model, nnx.state(dense, nnx.Param))  # the same weights, gates aside
     _, params = nnx.split(model, nnx.Param)
     assert sum(x.size for x in jax.tree.leaves(params)) == closed_form_param_count(config.model)
-    logits, aux = model.forward(tokens, jnp.int32(4))
-    np.testing.assert_allclose(logits, dense(tokens), rtol=1e-5, atol=1e-5)
+    # jitted (the step traced, as in training): two compiles instead of ~130 op-by-op ones
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, t, step: nnx.merge(graphdef, s).forward(t, step))
+    dense_graphdef, dense_state = nnx.split(dense)
+    dense_logits = jax.jit(lambda s, t: nnx.merge(dense_graphdef, s)(t))(dense_state, tokens)
+    logits, aux = forward(state, tokens, jnp.int32(4))
+    np.testing.assert_allclose(logits, dense_logits, rtol=1e-5, atol=1e-5)
     assert float(aux["attn_density"]) == 1.0
-    sparse, aux = model.forward(tokens, jnp.int32(5))
+    sparse, aux = forward(state, tokens, jnp.int32(5))
     assert float(aux["attn_density"]) < 0.5 and not np.allclose(sparse, logits, atol=1e-4)
 
 
@@ -222,8 +227,9 @@ def test_gradients_of_the_gate_loss_reach_only_the_gate():
         logits, aux = nnx.merge(graphdef, p, rest).forward(tokens)
         return jnp.mean(logits ** 2), aux["attn_gate_loss"]
 
-    gate_grads = flat_paths(jax.grad(lambda p: parts(p)[1])(nnx.to_pure_dict(params)))
-    lm_grads = flat_paths(jax.grad(lambda p: parts(p)[0])(nnx.to_pure_dict(params)))
+    # jitted: the gradients as op by op, one compile each instead of some 130 small ones
+    gate_grads = flat_paths(jax.jit(jax.grad(lambda p: parts(p)[1]))(nnx.to_pure_dict(params)))
+    lm_grads = flat_paths(jax.jit(jax.grad(lambda p: parts(p)[0]))(nnx.to_pure_dict(params)))
     for path, grad in gate_grads.items():
         is_gate = "/attn/gate/" in path
         assert is_gate == ag.is_gate_param(tuple(path.split("/")))

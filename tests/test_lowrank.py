@@ -60,11 +60,13 @@ def test_relora_merge_keeps_the_function_resets_factors_and_moments_and_rewarms(
         run.step()
     before = run.state
     # run the merge directly on the current state: same function before and after
-    params, structure, opt_state = engine._merge(before.params, before.structure,
-                                                 before.opt_state, jax.random.key(0))
+    # (jitted, as inside the train step: a few compiles instead of ~90 op-by-op ones)
+    params, structure, opt_state = jax.jit(engine._merge)(before.params, before.structure,
+                                                          before.opt_state, jax.random.key(0))
     merged = before.__class__(before.step, params, structure, opt_state, before.rng,
                               before.accounting)
-    np.testing.assert_allclose(run.logits(merged, batch), run.logits(before, batch), rtol=1e-5,
+    logits = jax.jit(run.logits)
+    np.testing.assert_allclose(logits(merged, batch), logits(before, batch), rtol=1e-5,
                                atol=1e-5)
     layer = engine.layers[0]
     np.testing.assert_array_equal(get_path(params, layer.path)["b"], 0.0)

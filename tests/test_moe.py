@@ -94,7 +94,8 @@ def test_gradients_match_the_reference_gradients():
             out = out + gates[:, k:k + 1] * jnp.einsum("nf,nfd->nd", h, m.down.kernel[...][e])
         return jnp.sum(jnp.sin(out))
 
-    g1, g2 = jax.grad(ours)(params), jax.grad(reference)(params)
+    # jitted: the same gradients as op by op, one compile each instead of many small ones
+    g1, g2 = jax.jit(jax.grad(ours))(params), jax.jit(jax.grad(reference))(params)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
@@ -144,6 +145,14 @@ def _batches(n):
     return [rng.integers(0, 64, size=(8, 17), dtype=np.int32) for _ in range(n)]
 
 
+@pytest.fixture(scope="module")
+def single_device_moe():
+    """The reference of the mesh comparisons below, trained once: each step's metrics on
+    _batches(4) and the final parameters on one device."""
+    single = Run("parallel.data=1")
+    return [single.step(tokens) for tokens in _batches(4)], single.state.params
+
+
 @pytest.mark.parametrize("mesh", [
     # the default suite keeps one mesh per axis kind; the pure ones are slow (~30 s each)
     pytest.param(["parallel.expert=8", "parallel.data=1"], marks=pytest.mark.slow),
@@ -153,17 +162,17 @@ def _batches(n):
     pytest.param(["parallel.tensor=2", "parallel.data=4"], marks=pytest.mark.slow),
     pytest.param(["parallel.fsdp=8"], marks=pytest.mark.slow),
 ], ids=["ep8", "ep4-dp2", "ep2-tp2-fsdp2", "tp2-dp4", "fsdp8"])
-def test_parallel_moe_training_equals_single_device(mesh):
-    single = Run("parallel.data=1")
+def test_parallel_moe_training_equals_single_device(mesh, single_device_moe):
+    single_metrics, single_params = single_device_moe
     sharded = Run(*mesh, n_devices=8)
     w = sharded.state.params["layers"][0]["moe"]["gate"]["kernel"]
     if "parallel.expert=8" in mesh:
         assert w.sharding.spec[0] == "expert"  # experts really are split over devices
-    for tokens in _batches(4):
-        a, b = single.step(tokens), sharded.step(tokens)
+    for tokens, a in zip(_batches(4), single_metrics, strict=True):
+        b = sharded.step(tokens)
         for key in ("loss", "moe_load_balance", "moe_z_loss", "grad_norm"):
             assert float(b[key]) == pytest.approx(float(a[key]), rel=2e-5), key
-    for x, y in zip(jax.tree.leaves(single.state.params), jax.tree.leaves(sharded.state.params)):
+    for x, y in zip(jax.tree.leaves(single_params), jax.tree.leaves(sharded.state.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
@@ -208,7 +217,8 @@ def test_emulated_ragged_all_to_all_follows_the_documented_example():
             jnp.zeros_like(send), axis_name="x")
         return out[None]
 
-    out = np.asarray(jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=P("x"))(sizes))
+    out = np.asarray(jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("x"),
+                                           out_specs=P("x")))(sizes))  # one compile, not ~190
     for r in range(shards):
         expected = np.full(16, -1.0)
         for s in range(shards):

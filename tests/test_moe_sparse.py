@@ -64,13 +64,12 @@ def test_erk_treats_each_expert_as_a_layer():
 
 
 def test_expert_masks_are_sharded_like_their_kernels():
-    run = Run("sparsity=static", "parallel.expert=4", "parallel.data=2", n_devices=8)
-    layer = run.layout.state.structure["layers"][0]["moe"]["gate"]["mask"]
-    kernel = run.layout.state.params["layers"][0]["moe"]["gate"]["kernel"]
+    sharded = Run("sparsity=static", "parallel.expert=4", "parallel.data=2", n_devices=8)
+    layer = sharded.layout.state.structure["layers"][0]["moe"]["gate"]["mask"]
+    kernel = sharded.layout.state.params["layers"][0]["moe"]["gate"]["kernel"]
     assert layer.spec == kernel.spec and layer.spec[0] == "expert"
     # and training on that mesh equals one device, masks included
     single = Run("sparsity=static")
-    sharded = Run("sparsity=static", "parallel.expert=4", "parallel.data=2", n_devices=8)
     for tokens in _batches(2):
         a, b = single.step(tokens), sharded.step(tokens)
         assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=2e-5)

@@ -18,8 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
+# One layer: the processes, their data rows and reductions are what is compared here.
 CONFIG = ["configs/tiny.yaml", "model.d_model=64", "model.d_ff=160", "model.n_heads=2",
-          "model.n_layers=2", "data.seq_len=64", "data.batch_size=16", f"train.steps={STEPS}",
+          "model.n_layers=1", "data.seq_len=64", "data.batch_size=16", f"train.steps={STEPS}",
           "train.log_every=1", "train.eval_every=6", "train.eval_batches=2",
           "train.checkpoint_every=4", "train.progress=false"]
 CPU_ENV = {"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}

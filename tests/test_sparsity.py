@@ -20,8 +20,8 @@ from spjax.errors import ConfigError
 from spjax.sparsity.engine import get_path
 from spjax.train.optimizer import zero_moments
 from spjax.sparsity.masks import is_nm_valid
-from spjax.train.state import Program
-from spjax.train.step import token_losses
+from spjax.train.state import Program, state_layout
+from spjax.train.step import make_train_step, token_losses
 
 MODEL = ["model=tiny", "model.d_model=64", "model.d_ff=128", "model.n_heads=2",
          "model.n_layers=2", "model.vocab_size=64", "model.compute_dtype=float32",
@@ -106,24 +106,57 @@ def test_rules_override_per_layer_with_explicit_densities():
         assert run.mask(layer).sum() == layer.keep
 
 
-def test_gmp_follows_the_cubic_schedule_and_never_revives():
-    steps = 40
+GMP_STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def gmp_run():
+    """40 steps of GMP (cubic schedule, update every 5), shared by the schedule and the
+    accounting tests: the Run and, per step, each layer's mask before it, the first layer's
+    mask and kernel after it, and the step's metrics."""
     run = Run("sparsity.method=gmp", "sparsity.sparsity=0.75", "sparsity.gmp.update_every=5",
-              steps=steps)
+              steps=GMP_STEPS)
+    history = []
+    for _ in range(GMP_STEPS):
+        before, metrics = run.step()
+        history.append({"before": [run.mask(layer, before) for layer in run.layers],
+                        "mask": run.mask(run.layers[0]), "kernel": run.kernel(run.layers[0]),
+                        "metrics": metrics})
+    return run, history
+
+
+def test_gmp_follows_the_cubic_schedule_and_never_revives(gmp_run):
+    run, history = gmp_run
     gradual = run.program.sparsity.method
     assert (gradual.start, gradual.end) == (10, 30)
     layer = run.layers[0]
     pruned_before = np.zeros(layer.shape, bool)
-    for t in range(1, steps + 1):
-        run.step()
-        mask = run.mask(layer)
+    for t in range(1, GMP_STEPS + 1):
+        mask, kernel = history[t - 1]["mask"], history[t - 1]["kernel"]
         if t >= gradual.start and (t - gradual.start) % 5 == 0 or t == gradual.end:
             expected = int(gradual.keep_at(jnp.int32(t), layer))
         assert mask.sum() == (layer.units if t < gradual.start else expected)
         assert not np.any(mask & pruned_before)  # pruned weights never come back
         pruned_before |= ~mask
-        assert np.all(run.kernel(layer)[~mask] == 0.0)
+        assert np.all(kernel[~mask] == 0.0)
     assert run.mask(layer).sum() == layer.keep == round(0.25 * layer.units)
+
+
+def test_accounting_tracks_nonzeros_and_their_average(gmp_run):
+    run, steps = gmp_run
+    engine = run.program.sparsity
+    masked = engine.masked_size
+    total = run.program.model_def.param_count()
+    history = []
+    for step in steps:
+        kept = sum(int(mask.sum()) for mask in step["before"])
+        history.append(total - masked + kept)
+        assert float(step["metrics"]["nonzero_params"]) == history[-1]
+    assert len(history) == GMP_STEPS
+    assert float(run.state.accounting["avg_nonzero_params"]) == pytest.approx(
+        np.mean(history), rel=1e-6)
+    dense = run.program.accounting.dense_flops_per_token
+    assert float(steps[-1]["metrics"]["flops_per_token"]) < dense
 
 
 def test_oneshot_prunes_the_smallest_magnitudes_at_its_step():
@@ -172,8 +205,9 @@ def test_rigl_regrows_where_the_dense_gradient_is_largest():
               "sparsity.rigl.drop_fraction=0.3", "sparsity.rigl.end_fraction=1.0", steps=50)
     before, _ = run.step()
     params, structure = before.params, before.structure
-    grads = jax.grad(lambda p: jnp.mean(token_losses(run.program.model_def, p, structure,
-                                                     run.last_batch)))(params)
+    # jitted: the same gradient as op by op, one compile instead of some 150 small ones
+    grads = jax.jit(jax.grad(lambda p: jnp.mean(token_losses(run.program.model_def, p, structure,
+                                                             run.last_batch))))(params)
     for layer in run.layers:
         old, new = run.mask(layer, before), run.mask(layer)
         grown = new & ~old
@@ -267,25 +301,6 @@ def test_spdf_switch_makes_every_weight_trainable_from_zero():
             assert np.all(run.kernel(layer)[newly] == 0.0)  # they resume from zero
             revived = newly
     assert np.all(run.kernel(layer)[revived] != 0.0)  # and train after the switch
-
-
-def test_accounting_tracks_nonzeros_and_their_average():
-    steps = 40
-    run = Run("sparsity.method=gmp", "sparsity.sparsity=0.75", "sparsity.gmp.update_every=5",
-              steps=steps)
-    engine = run.program.sparsity
-    masked = engine.masked_size
-    total = run.program.model_def.param_count()
-    history = []
-    for _ in range(steps):
-        before, metrics = run.step()
-        kept = sum(int(run.mask(layer, before).sum()) for layer in run.layers)
-        history.append(total - masked + kept)
-        assert float(metrics["nonzero_params"]) == history[-1]
-    assert float(run.state.accounting["avg_nonzero_params"]) == pytest.approx(
-        np.mean(history), rel=1e-6)
-    dense = run.program.accounting.dense_flops_per_token
-    assert float(metrics["flops_per_token"]) < dense
 
 
 def test_masks_are_sharded_like_their_kernels_and_sharded_equals_single_device():
@@ -382,14 +397,49 @@ def test_zero_moments_clears_exactly_the_reset_entries_of_any_optax_state(make):
     assert checked >= 1
 
 
-# presets whose method other default tests train already (static/set exact density, RigL
-# regrowth): slow here, ~25 s each
-COVERED_ELSEWHERE = {"rigl", "set", "static"}
+PRESETS = sorted(p.stem for p in (CONFIGS_DIR / "methods").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_method_preset_builds_and_its_train_step_traces(preset):
+    """Every preset's program builds and its train step traces (shapes only, nothing
+    compiled), keeping the state's shapes and dtypes: a bad key, value or combination in a
+    preset fails here. The presets' steps themselves: the test below."""
+    config = load_config(None, [*MODEL, f"sparsity={preset}", "train.steps=20",
+                                "parallel.data=1"])
+    program = Program.build(config)
+    mesh = parallel.make_mesh(config.parallel, jax.devices()[:1])
+    rules = parallel.sharding_rules(config.parallel)
+    layout = state_layout(program, mesh, rules)
+    batch = {k: jax.ShapeDtypeStruct((8, 32), jnp.int32) for k in ("inputs", "targets")}
+    with parallel.activate(mesh, rules):
+        state, metrics = jax.eval_shape(make_train_step(program), layout.abstract, batch)
+    assert program.sparsity is not None and program.sparsity.layers
+    assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
+    assert jax.tree.structure(state) == jax.tree.structure(layout.abstract)
+    for new, old in zip(jax.tree.leaves(state), jax.tree.leaves(layout.abstract)):
+        assert (new.shape, new.dtype) == (old.shape, old.dtype)
+
+
+# Presets whose method and pattern a default test above trains (named here): their steps are
+# slow here (~5-15 s each); every preset still builds and traces its step in the default suite.
+COVERED_ELSEWHERE = {
+    "ast_2of4": "test_nm_methods_give_valid_groups_at_every_step[ast] (2:4)",
+    "gmp": "test_gmp_follows_the_cubic_schedule_and_never_revives",
+    "oneshot": "test_oneshot_prunes_the_smallest_magnitudes_at_its_step",
+    "rigl": "test_rigl_keeps_counts_moves_weights_and_regrown_start_at_zero_with_zero_moments",
+    "sdgf_1of8": "test_sdgf_tightens_the_pattern_frame_by_frame (1:8, stepwise)",
+    "set": "test_static_and_set_keep_exact_density_and_pruned_weights_stay_zero",
+    "spdf": "test_spdf_switch_makes_every_weight_trainable_from_zero",
+    "srste_2of4": "test_nm_methods_give_valid_groups_at_every_step[srste] (2:4)",
+    "static": "test_static_and_set_keep_exact_density_and_pruned_weights_stay_zero",
+    "ste_2of4": "test_nm_methods_give_valid_groups_at_every_step[ste] (2:4)",
+}
 
 
 @pytest.mark.parametrize("preset", [
     pytest.param(name, marks=pytest.mark.slow) if name in COVERED_ELSEWHERE else name
-    for name in sorted(p.stem for p in (CONFIGS_DIR / "methods").glob("*.yaml"))])
+    for name in PRESETS])
 def test_every_method_preset_builds_and_takes_steps(preset):
     run = Run(f"sparsity={preset}", steps=20)
     for _ in range(2):

@@ -29,7 +29,7 @@ def test_block_kernel_layers_train_exactly_like_masked_dense_ones(method):
     regrowth steps take the dense path (flag set) so both regrow from dense gradients."""
     common = [f"sparsity.method={method}", "sparsity.pattern=block", "sparsity.block=32",
               "sparsity.sparsity=0.5", f"sparsity.{'rigl' if method == 'rigl' else 'gmp'}"
-              ".update_every=2", "model.d_ff=128"]
+              ".update_every=2", "model.d_ff=128", "model.n_layers=1"]  # 7 layers of 3 shapes
     kernel = Run(*common, "sparsity.kernel=interpret", steps=8)
     masked = Run(*common, "sparsity.kernel=none", steps=8)
     from pallas_kernels.block_sparse.layout import build_layout
@@ -101,7 +101,8 @@ def test_block_kernels_under_a_mesh_train_like_one_device(mesh):
     axes, the weight gathered whole, inside the real train step: losses and weights equal one
     device's."""
     common = ["sparsity.method=static", "sparsity.pattern=block", "sparsity.block=32",
-              "sparsity.sparsity=0.5", "model.d_ff=128", "sparsity.kernel=interpret"]
+              "sparsity.sparsity=0.5", "model.d_ff=128", "sparsity.kernel=interpret",
+              "model.n_layers=1"]  # 7 block-sparse layers of 3 shapes, each interpreted
     sharded = Run(*common, *mesh, n_devices=8, steps=4)
     single = Run(*common, steps=4)
     for _ in range(3):
