@@ -338,12 +338,12 @@ def test_the_benchmark_runs_on_cpu_in_interpret_mode():
     assert not bench.TILINGS["mosaic_fresh"].backward_in_place
     assert not bench.TILINGS["mosaic_acc"].backward_overlap
     assert not bench.TILINGS["mosaic_fused"].fused_split_dq
-    assert bench.TILINGS["mosaic_split"] == default
+    assert bench.TILINGS["mosaic_split"].fused_split_dq and default.fused_steps is None
     assert default.largest_first and not bench.TILINGS["mosaic_in_order"].largest_first
 
     # --sweep's Mosaic tilings: the default and each ring depth or the dQ split varied alone
     candidates = bench.mosaic_candidates()
-    assert candidates["default"] == default and len(set(candidates.values())) == 5
+    assert candidates["default"] == default and len(set(candidates.values())) == 6
     for label, tiling in candidates.items():
         changed = [f for f in ("forward_steps", "fused_steps", "fused_split_dq")
                    if getattr(tiling, f) != getattr(default, f)]

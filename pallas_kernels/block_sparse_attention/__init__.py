@@ -4,7 +4,8 @@
     layout.py      per query block the kept key blocks, per key block the kept query blocks
     kernel.py      Pallas kernels, Triton lowering: forward, dQ, dK/dV (interpret on CPU)
     kernel_mgpu.py Mosaic GPU (Hopper TMA + wgmma) forward and shared helpers
-    kernel_mgpu_bwd.py  Mosaic GPU dQ and dK/dV
+    kernel_mgpu_bwd.py  Mosaic GPU backward: the dQ and dK/dV kernels, and the entry point
+    kernel_mgpu_fused_bwd.py  Mosaic GPU fused backward (the default): dQ by TMA reduce-add
     api.py         `block_sparse_attention` with a custom VJP and an `implementation=` switch
     bench.py       GPU benchmark against cuDNN and XLA dense attention in the same run
 """

@@ -8,9 +8,9 @@ differentiable through a custom VJP whose backward also skips dropped tiles:
   implementation="pallas"     Pallas flash-attention kernels, Triton lowering (kernel.py):
                               any NVIDIA GPU
   implementation="interpret"  the same kernels, interpreted on CPU (tests)
-  implementation="mosaic"     Mosaic GPU kernels (kernel_mgpu.py, kernel_mgpu_bwd.py: TMA,
-                              wgmma, warp specialization): Hopper; bf16/f16, blocks 64 and
-                              128, head_dim 64 or 128
+  implementation="mosaic"     Mosaic GPU kernels (kernel_mgpu.py, kernel_mgpu_fused_bwd.py or
+                              kernel_mgpu_bwd.py: TMA, wgmma, warp specialization): Hopper;
+                              bf16/f16, blocks 64 and 128, head_dim 64 or 128
   implementation="mosaic_interpret"  the same, under Mosaic GPU's interpret mode on CPU (tests)
   implementation="mosaic,pallas"     one for the forward, one for the backward (dQ, dK/dV):
                               any two kernel implementations (both keep the same base-2 lse)

@@ -67,9 +67,9 @@ TILINGS = {"mosaic_two_kernels": TWO_KERNELS,
                                                backward_overlap=False),
            "mosaic_acc": dataclasses.replace(TWO_KERNELS, backward_overlap=False),
            "mosaic_in_order": MosaicAttentionTiling(largest_first=False),
-           "mosaic_fused": MosaicAttentionTiling(fused_split_dq=False),
+           "mosaic_fused": MosaicAttentionTiling(fused_split_dq=False, fused_steps=2),
            "mosaic_fused3": MosaicAttentionTiling(fused_split_dq=False, fused_steps=3),
-           "mosaic_split": MosaicAttentionTiling(fused_split_dq=True),
+           "mosaic_split": MosaicAttentionTiling(fused_split_dq=True, fused_steps=2),
            "mosaic_split3": MosaicAttentionTiling(fused_split_dq=True, fused_steps=3)}
 
 
@@ -196,7 +196,7 @@ def mosaic_candidates() -> dict[str, MosaicAttentionTiling]:
     slot, so one shared depth that is best for one can overflow another's shared memory)."""
     default = MosaicAttentionTiling()
     candidates = {"default": default}
-    for field, values in (("forward_steps", (3, 4)), ("fused_steps", (3,)),
+    for field, values in (("forward_steps", (3, 4)), ("fused_steps", (2, 3)),
                           ("fused_split_dq", (not default.fused_split_dq,))):
         for value in values:
             candidates[f"{field}={value}"] = dataclasses.replace(default, **{field: value})
@@ -232,7 +232,7 @@ def main() -> None:
                         help=f"kernels to measure, comma-separated: {', '.join(RUNS_AS)}")
     parser.add_argument("--sweep", action="store_true",
                         help="instead: Triton warps/stages (pallas) and Mosaic ring depths "
-                        "(mosaic) at the first T, 75%% sparse")
+                        "(mosaic) at the first T and the first of --sparsities")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     try:
@@ -256,7 +256,7 @@ def main() -> None:
             run = {"pallas": sweep, "mosaic": sweep_mosaic}.get(name)
             if run:
                 run(seqs[0], max(1, args.tokens // seqs[0]), args.heads, args.kv_heads,
-                    args.head_dim, block, 0.75, args.reps)
+                    args.head_dim, block, float(args.sparsities.split(",")[0]), args.reps)
         return
     rows = []
     for t in seqs:

@@ -32,7 +32,8 @@ A row block with no kept tile runs zero steps: its accumulator and running sum s
 O = 0 / max(l, 1) = 0 and lse = -inf + log2(1) = -inf, the convention of reference.py, with
 no extra select (l >= 1 for every row that saw a key: its maximum contributes exp2(0) = 1).
 
-The backward is in kernel_mgpu_bwd.py. Runs on CPU under Mosaic GPU's interpret mode
+The backward is in kernel_mgpu_fused_bwd.py (one kernel, the default) or kernel_mgpu_bwd.py
+(the dQ and dK/dV kernels; `MosaicAttentionTiling(fused_backward=False)`). Runs on CPU under Mosaic GPU's interpret mode
 (`interpret=True`), which is how the tests check it.
 """
 
@@ -74,7 +75,10 @@ class MosaicAttentionTiling:
     # three fields above shape those); on the H200 the dense pattern goes from 0.56-0.59x
     # cuDNN to 0.69-0.70x, 32k at 90% from 5.02x to 5.84x (docs/BENCHMARKS.md)
     fused_backward: bool = True
-    fused_steps: int = 2  # its TMA ring depth, in 64-row (Q + dO) query steps (3: slower)
+    # its TMA ring depth, in 64-row (Q + dO) query steps; None: 3 at head_dim 64 (dense
+    # pattern 0.82x -> 0.86x cuDNN), 2 above (3 is slower with the split, and does not fit
+    # without it at block 128)
+    fused_steps: int | None = None
     # fused, two warpgroups: each computes half of dQ's columns from both warpgroups' dS^T
     # (a barrier between them every step) instead of all columns from its own keys: half
     # the reduce-add traffic, the staging tile and the dQ accumulator (needs head_dim / 2 a

@@ -82,6 +82,7 @@ def fused_backward(q, k, v, do, lse, delta, layout, *, block: int, scale: float,
     split = tiling.fused_split_dq and wgs > 1 and (d // wgs) % 64 == 0
     cols = d // wgs if split else d
     buffers = 2 if split else 1  # dS^T by step parity: one may be read while one is written
+    ring = tiling.fused_steps or (3 if d <= 64 else 2)  # measured: docs/BENCHMARKS.md
 
     def body(table_ref, count_ref, diagonal_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
              delta_ref, dq_ref, dk_ref, dv_ref, k_smem2, v_smem2, p_smem3, dq_smem2, loaded,
@@ -178,7 +179,7 @@ def fused_backward(q, k, v, do, lse, delta, layout, *, block: int, scale: float,
             return listed_block(col_table, count, j, tile) * sub + part
 
         pipeline = plgpu.emit_pipeline_warp_specialized(
-            step, grid=(steps * sub,), max_concurrent_steps=tiling.fused_steps,
+            step, grid=(steps * sub,), max_concurrent_steps=ring,
             num_compute_wgs=wgs, memory_registers=MEMORY_REGISTERS, wg_axis="wg",
             manual_consumed_barriers=True, compute_context=compute,
             in_specs=[plgpu.BlockSpec((ROWS, d), lambda s: (query_rows(s), 0),
