@@ -314,6 +314,26 @@ def test_gpu_mosaic_fused_backward_matches_the_reference(block, d, hkv, steps, k
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("kind, density, causal, hkv", [("per_head", 0.4, True, 4),
+                                                        ("per_sequence_head", 0.3, False, 1)])
+def test_gpu_mosaic_forward_pingpong_matches_the_reference(d, kind, density, causal, hkv):
+    """The forward's warpgroups taking turns on the hardware: a missed phase would hang or
+    let one warpgroup's P V read another's staging; empty rows still give O = 0."""
+    b, t, h, block = 2, 1024, 4, 128
+    q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=d + hkv + 11)
+    mask = _mask(jax.random.key(d + hkv), kind, b, h, t // block, density)
+    tiling = kernel_mgpu.MosaicAttentionTiling(forward_pingpong=True)
+    ours = _grads(q, k, v, mask, do, block, causal, "mosaic", mosaic=tiling)
+    refs = _reference_grads(q, k, v, mask, do, block, causal)
+    for name, a, r in zip(("o", "dq", "dk", "dv"), ours, refs):
+        assert not np.any(np.isnan(np.asarray(a, np.float32))), name
+        assert _relative_error(a, r) < 2e-2, name
+    empty = _empty_rows(mask, b, h, t, block, causal)
+    assert np.all(np.asarray(ours[0], np.float32)[empty] == 0.0)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("implementation", GPU_IMPLEMENTATIONS)
 @pytest.mark.parametrize("block", [64, 128])
 def test_gpu_dense_pattern_matches_cudnn(implementation, block):
@@ -431,6 +451,23 @@ def test_mosaic_kernels_in_interpret_mode_match_the_reference(case, form):
     assert empty.any() == (density < 1)
     o, dq = np.asarray(ours[0], np.float32), np.asarray(ours[1], np.float32)
     assert np.all(o[empty] == 0.0) and np.all(dq[empty] == 0.0)
+
+
+def test_mosaic_forward_pingpong_in_interpret_mode_matches_the_reference():
+    """The forward's warpgroups taking turns (forward_pingpong), interpreted: every phase of
+    the turn barrier is observed by both (the interpreter raises otherwise), including a
+    head with an empty block row, whose warpgroups run no step."""
+    b, t, h, hkv, d, block = 1, 384, 2, 1, 64, 128
+    q, k, v, _ = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=23)
+    mask = np.array([[[1, 0, 0], [1, 1, 0], [0, 1, 1]],
+                     [[1, 0, 0], [0, 0, 0], [1, 1, 0]]], bool)  # head 1: block row 1 empty
+    tiling = kernel_mgpu.MosaicAttentionTiling(forward_pingpong=True)
+    o = jax.jit(lambda q, k, v: block_sparse_attention(
+        q, k, v, mask, block=block, implementation="mosaic_interpret", mosaic=tiling))(q, k, v)
+    ref = reference.attention(*(x.astype(jnp.float32) for x in (q, k, v)), mask, block=block,
+                              causal=True)
+    assert _relative_error(o, ref) < 1e-2
+    assert np.all(np.asarray(o, np.float32)[0, block:2 * block, 1] == 0.0)
 
 
 def test_one_implementation_per_pass_matches_the_reference():

@@ -60,7 +60,9 @@ RUNS_AS = {"pallas": PALLAS,
            "mosaic_fused3": "mosaic" if ON_GPU else "mosaic_interpret",
            # fused, each warpgroup computing half of dQ's columns (fused_split_dq: the default)
            "mosaic_split": "mosaic" if ON_GPU else "mosaic_interpret",
-           "mosaic_split3": "mosaic" if ON_GPU else "mosaic_interpret"}
+           "mosaic_split3": "mosaic" if ON_GPU else "mosaic_interpret",
+           # the default with the forward's warpgroups taking turns (forward_pingpong)
+           "mosaic_pingpong": "mosaic" if ON_GPU else "mosaic_interpret"}
 TWO_KERNELS = MosaicAttentionTiling(fused_backward=False)
 TILINGS = {"mosaic_two_kernels": TWO_KERNELS,
            "mosaic_fresh": dataclasses.replace(TWO_KERNELS, backward_in_place=False,
@@ -70,7 +72,8 @@ TILINGS = {"mosaic_two_kernels": TWO_KERNELS,
            "mosaic_fused": MosaicAttentionTiling(fused_split_dq=False, fused_steps=2),
            "mosaic_fused3": MosaicAttentionTiling(fused_split_dq=False, fused_steps=3),
            "mosaic_split": MosaicAttentionTiling(fused_split_dq=True, fused_steps=2),
-           "mosaic_split3": MosaicAttentionTiling(fused_split_dq=True, fused_steps=3)}
+           "mosaic_split3": MosaicAttentionTiling(fused_split_dq=True, fused_steps=3),
+           "mosaic_pingpong": MosaicAttentionTiling(forward_pingpong=True)}
 
 
 def random_causal_mask(seed: int, n: int, sparsity: float) -> np.ndarray:

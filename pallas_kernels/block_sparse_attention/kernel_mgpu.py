@@ -25,8 +25,9 @@ thing to revisit with a GPU at hand. The backward's sums need no rescaling, and 
 interpreter does run a wgmma accumulating into an accumulator carried through the pipeline:
 `MosaicAttentionTiling.backward_in_place` does that for dQ, dK and dV, and
 `backward_overlap` overlaps each step's softmax math with its dP wgmma (both on by default:
-5-8% off forward+backward on the H200). Not done either: FA3's ping-pong schedule barrier
-between the two consumer warpgroups, and a persistent grid.
+5-8% off forward+backward on the H200). FA3's ping-pong schedule between the two consumer
+warpgroups is `MosaicAttentionTiling.forward_pingpong` (off: slower in this form). Not done:
+a persistent grid.
 
 A row block with no kept tile runs zero steps: its accumulator and running sum stay 0, so
 O = 0 / max(l, 1) = 0 and lse = -inf + log2(1) = -inf, the convention of reference.py, with
@@ -70,6 +71,11 @@ class MosaicAttentionTiling:
     backward_overlap: bool = True
     # forward and dQ under a causal mask: start the longest table rows first (program_tiles)
     largest_first: bool = True
+    # forward at block 128: FA3's ping-pong between the two compute warpgroups (a barrier
+    # makes one's S = Q K^T and P V products run while the other computes its softmax).
+    # Off: measured slower here (32k dense forward 7.26 vs 6.52 ms at head_dim 64, equal at
+    # 128), where P goes through shared memory and O through a fresh accumulator each step
+    forward_pingpong: bool = False
     # backward as one kernel (kernel_mgpu_fused_bwd.py: five products a tile, dQ added
     # across key blocks by TMA reduce-add) instead of the dQ and dK/dV kernels (seven; the
     # three fields above shape those); on the H200 the dense pattern goes from 0.56-0.59x
@@ -171,19 +177,29 @@ def forward(q, k, v, layout, *, block: int, scale: float, interpret: bool = Fals
     qk_scale = scale * LOG2E
     swizzled = transforms(q.dtype)
 
+    pingpong = tiling.forward_pingpong and wgs == 2
+
     def body(table_ref, count_ref, diagonal_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-             qo_smem2, p_smem2, lse_smem2, q_barriers):
+             qo_smem2, p_smem2, lse_smem2, q_barriers, turn):
         head, i, batch, wg, count, steps, row_table = program_tiles(
             table_ref, count_ref, diagonal_ref, layout, rows_grow=tiling.largest_first)
+
+        def take_turns():  # both warpgroups arrive once per phase: they alternate
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
 
         def compute(pipeline):
             qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
             rows = (batch, pl.ds(i * block + wg * ROWS, ROWS), head)
             plgpu.copy_gmem_to_smem(q_ref.at[rows], qo_smem, q_barriers.at[wg])
             plgpu.barrier_wait(q_barriers.at[wg])
+            if pingpong:  # warpgroup 1 starts one phase behind, warpgroup 0 ends one later
+                pl.when(wg == 1)(take_turns)
             acc, m, l = pipeline((jnp.zeros((ROWS, d), jnp.float32),
                                   jnp.full((ROWS,), -jnp.inf, jnp.float32),
                                   jnp.zeros((ROWS,), jnp.float32)))
+            if pingpong:
+                pl.when(wg == 0)(take_turns)
             l = jnp.maximum(l, 1.0)  # 0 only on an empty row, where acc = 0 and m = -inf
             qo_smem[...] = (acc / l[:, None]).astype(qo_smem.dtype)
             lse_smem[...] = m + jnp.log2(l)
@@ -196,7 +212,15 @@ def forward(q, k, v, layout, *, block: int, scale: float, interpret: bool = Fals
             acc, m, l = carry
             qo_smem = qo_smem2.at[wg]
 
-            s = matmul(qo_smem, k_smem.transpose((1, 0)), (ROWS, block))
+            if pingpong:
+                def scores(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, k_smem.transpose((1, 0)))
+                    take_turns()  # the other's softmax starts: its products are issued
+                    return acc_ref[...]
+
+                s = pl.run_scoped(scores, plgpu.ACC((ROWS, block), jnp.float32))
+            else:
+                s = matmul(qo_smem, k_smem.transpose((1, 0)), (ROWS, block))
             plgpu.barrier_arrive(k_consumed)
             s = s * qk_scale
             if layout.causal:
@@ -206,6 +230,8 @@ def forward(q, k, v, layout, *, block: int, scale: float, interpret: bool = Fals
             p = jnp.exp2(s - m_new[:, None])
             l = l * alpha + p.sum(axis=1)
             stage(p_smem2.at[wg], p)
+            if pingpong:
+                take_turns()  # softmax done; the tensor cores are ours once the other's is
             acc = acc * alpha[:, None] + matmul(p_smem2.at[wg], v_smem, acc.shape)
             plgpu.barrier_arrive(v_consumed)
             return acc, m_new, l
@@ -224,7 +250,8 @@ def forward(q, k, v, layout, *, block: int, scale: float, interpret: bool = Fals
     scratch = [plgpu.SMEM((wgs, ROWS, d), q.dtype, transforms=swizzled),
                plgpu.SMEM((wgs, ROWS, block), q.dtype, transforms=swizzled),
                plgpu.SMEM((wgs, ROWS), jnp.float32),
-               plgpu.Barrier(num_barriers=wgs)]
+               plgpu.Barrier(num_barriers=wgs),
+               plgpu.Barrier(num_arrivals=wgs)]  # ping-pong turns
     out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, t), jnp.float32))
     return launch(body, out_shape, scratch, grid=(h, t // block, b), compute_wgs=wgs,
