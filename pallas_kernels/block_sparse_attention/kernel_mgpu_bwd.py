@@ -39,7 +39,7 @@ from pallas_kernels.block_sparse_attention.kernel_mgpu import (
 )
 
 
-def _two_products(a1, b1, a2, b2, shape, on_first):
+def two_products(a1, b1, a2, b2, shape, on_first):
     """a1 @ b1 and a2 @ b2, issued back to back into fresh accumulators; `on_first` runs on
     the first result while the second wgmma is still in flight. (on_first(...), second)."""
     def scope(acc1, acc2):
@@ -52,6 +52,17 @@ def _two_products(a1, b1, a2, b2, shape, on_first):
 
     acc = plgpu.ACC(shape, jnp.float32)
     return pl.run_scoped(scope, acc, acc)
+
+
+def write_dk_dv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, rows) -> None:
+    """dK and dV to their per-query-head `rows`, through the shared memory of the K and V
+    tiles (no longer needed by then)."""
+    k_smem[...] = dk.astype(k_smem.dtype)
+    v_smem[...] = dv.astype(v_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows])
+    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows])
+    plgpu.wait_smem_to_gmem(0)
 
 
 def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret,
@@ -97,7 +108,7 @@ def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret,
                 return jnp.exp2(s - lse_smem2.at[wg][...][:, None])
 
             if overlap:  # P is computed while dO V^T runs
-                p, dp = _two_products(q_smem, k_smem.transpose((1, 0)), do_smem,
+                p, dp = two_products(q_smem, k_smem.transpose((1, 0)), do_smem,
                                       v_smem.transpose((1, 0)), (ROWS, block), probabilities)
             else:
                 p = probabilities(matmul(q_smem, k_smem.transpose((1, 0)), (ROWS, block)))
@@ -167,13 +178,7 @@ def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret,
             else:
                 zeros = jnp.zeros((ROWS, d), jnp.float32)
                 dk, dv = pipeline((zeros, zeros))
-            k_smem[...] = (dk * scale).astype(k_smem.dtype)  # K and V are no longer needed
-            v_smem[...] = dv.astype(v_smem.dtype)
-            plgpu.commit_smem()
-            out = (batch, keys[1], head)
-            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[out])
-            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[out])
-            plgpu.wait_smem_to_gmem(0)
+            write_dk_dv(dk * scale, dv, k_smem, v_smem, dk_ref, dv_ref, (batch, keys[1], head))
 
         def step(indices, q_smem, do_smem, lse_smem, delta_smem, q_consumed, do_consumed,
                  lse_consumed, delta_consumed, carry):
@@ -190,8 +195,8 @@ def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret,
                 return p
 
             if overlap:  # P while V dO^T runs; then dV += P^T dO while dS is computed
-                # (a wgmma into the carried dV inside _two_products' scope does not lower)
-                p, dp = _two_products(k_smem, q_smem.transpose((1, 0)), v_smem,
+                # (a wgmma into the carried dV inside two_products' scope does not lower)
+                p, dp = two_products(k_smem, q_smem.transpose((1, 0)), v_smem,
                                       do_smem.transpose((1, 0)), (ROWS, block), probabilities)
                 plgpu.wgmma(dv, p_smem, do_smem)
                 ds = p * (dp - delta_smem[...][None, :])

@@ -44,7 +44,7 @@ from pallas_kernels.block_sparse_attention.kernel_mgpu import (
     stage,
     transforms,
 )
-from pallas_kernels.block_sparse_attention.kernel_mgpu_bwd import _two_products
+from pallas_kernels.block_sparse_attention.kernel_mgpu_bwd import two_products, write_dk_dv
 
 
 def _launch(body, out_shape, scratch, *, grid, compute_wgs: int, interpret: bool):
@@ -108,13 +108,7 @@ def fused_backward(q, k, v, do, lse, delta, layout, *, block: int, scale: float,
             if split:  # and the other warpgroup's last dQ product, which read our K
                 plgpu.barrier_arrive(ds_ready)
                 plgpu.barrier_wait(ds_ready)
-            k_smem[...] = (dk * scale).astype(k_smem.dtype)  # K and V are no longer needed
-            v_smem[...] = dv.astype(v_smem.dtype)
-            plgpu.commit_smem()
-            out = (batch, keys[1], head)
-            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[out])
-            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[out])
-            plgpu.wait_smem_to_gmem(0)
+            write_dk_dv(dk * scale, dv, k_smem, v_smem, dk_ref, dv_ref, (batch, keys[1], head))
 
         def step(indices, q_smem, do_smem, lse_smem, delta_smem, q_consumed, do_consumed,
                  lse_consumed, delta_consumed, carry):
@@ -136,7 +130,7 @@ def fused_backward(q, k, v, do, lse, delta, layout, *, block: int, scale: float,
                 stage(p_smem, p)
                 return p
 
-            p, dp = _two_products(k_smem, q_smem.transpose((1, 0)), v_smem,
+            p, dp = two_products(k_smem, q_smem.transpose((1, 0)), v_smem,
                                   do_smem.transpose((1, 0)), (ROWS, ROWS), probabilities)
             plgpu.wgmma(dv, p_smem, do_smem)
             ds = p * (dp - delta_smem[...][None, :])
