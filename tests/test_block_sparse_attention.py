@@ -10,6 +10,8 @@ The GPU variants (implementation="pallas", "mosaic", "mosaic,pallas"; blocks 64 
 marked `gpu` and run on the GPU machine.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -315,17 +317,27 @@ def test_gpu_mosaic_fused_backward_matches_the_reference(block, d, hkv, steps, k
     assert np.all(np.asarray(ours[1], np.float32)[empty] == 0.0)  # dQ: zeroed, never added
 
 
+# the forward's optional forms: warpgroups taking turns; P from registers, O in place (GPU
+# only); both
+FORWARD_FORMS = {"pingpong": dict(forward_pingpong=True),
+                 "registers": dict(forward_registers=True),
+                 "registers_pingpong": dict(forward_registers=True, forward_pingpong=True)}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("form", FORWARD_FORMS)
+@pytest.mark.parametrize("block, d", [(128, 64), (128, 128), (64, 128)])
 @pytest.mark.parametrize("kind, density, causal, hkv", [("per_head", 0.4, True, 4),
                                                         ("per_sequence_head", 0.3, False, 1)])
-def test_gpu_mosaic_forward_pingpong_matches_the_reference(d, kind, density, causal, hkv):
-    """The forward's warpgroups taking turns on the hardware: a missed phase would hang or
-    let one warpgroup's P V read another's staging; empty rows still give O = 0."""
-    b, t, h, block = 2, 1024, 4, 128
+def test_gpu_mosaic_forward_forms_match_the_reference(block, d, kind, density, causal, hkv,
+                                                      form):
+    """The forward's optional forms on the hardware: a missed ping-pong phase would hang or
+    let one warpgroup's P V read another's staging; the register operand and the in-place
+    rescale run only here (not in the interpreter); empty rows still give O = 0."""
+    b, t, h = 2, 1024, 4
     q, k, v, do = _inputs(b, t, h, hkv, d, jnp.bfloat16, seed=d + hkv + 11)
     mask = _mask(jax.random.key(d + hkv), kind, b, h, t // block, density)
-    tiling = kernel_mgpu.MosaicAttentionTiling(forward_pingpong=True)
+    tiling = kernel_mgpu.MosaicAttentionTiling(**FORWARD_FORMS[form])
     ours = _grads(q, k, v, mask, do, block, causal, "mosaic", mosaic=tiling)
     refs = _reference_grads(q, k, v, mask, do, block, causal)
     for name, a, r in zip(("o", "dq", "dk", "dv"), ours, refs):
@@ -470,6 +482,28 @@ def test_mosaic_forward_pingpong_in_interpret_mode_matches_the_reference():
                               causal=True)
     assert _relative_error(o, ref) < 1e-2
     assert np.all(np.asarray(o, np.float32)[0, block:2 * block, 1] == 0.0)
+
+
+@pytest.mark.parametrize("block, d", [(64, 64), (128, 128)])
+def test_mosaic_forward_register_forms_lower_for_cuda_and_refuse_the_interpreter(block, d):
+    """forward_registers (P as wgmma's register operand, O rescaled in place) passes the
+    Mosaic GPU lowering for sm_90 on this CPU, alone and with ping-pong; the interpreter,
+    which runs neither construct, gets a clear error instead of a wrong answer."""
+    b, t, h, hkv = 1, 512, 2, 1
+    q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16)
+    mask = np.tril(np.ones((t // block, t // block), bool))
+    for form in ("registers", "registers_pingpong"):
+        tiling = kernel_mgpu.MosaicAttentionTiling(**FORWARD_FORMS[form])
+        fn = functools.partial(block_sparse_attention, block=block, implementation="mosaic",
+                               mosaic=tiling)
+        text = jax.jit(lambda q, k, v: fn(q, k, v, mask)).trace(q, kv, kv).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text
+    with pytest.raises(NotImplementedError, match="forward_registers"):
+        block_sparse_attention(*(jnp.zeros(x.shape, x.dtype) for x in (q, kv, kv)), mask,
+                               block=block, implementation="mosaic_interpret",
+                               mosaic=tiling)
 
 
 def test_one_implementation_per_pass_matches_the_reference():

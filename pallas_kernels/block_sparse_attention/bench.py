@@ -62,7 +62,11 @@ RUNS_AS = {"pallas": PALLAS,
            "mosaic_split": "mosaic" if ON_GPU else "mosaic_interpret",
            "mosaic_split3": "mosaic" if ON_GPU else "mosaic_interpret",
            # the default with the forward's warpgroups taking turns (forward_pingpong)
-           "mosaic_pingpong": "mosaic" if ON_GPU else "mosaic_interpret"}
+           "mosaic_pingpong": "mosaic" if ON_GPU else "mosaic_interpret",
+           # the forward with P from registers and O rescaled in place (FA3; GPU only), alone
+           # and with ping-pong
+           "mosaic_registers": "mosaic",
+           "mosaic_registers_pingpong": "mosaic"}
 TWO_KERNELS = MosaicAttentionTiling(fused_backward=False)
 TILINGS = {"mosaic_two_kernels": TWO_KERNELS,
            "mosaic_fresh": dataclasses.replace(TWO_KERNELS, backward_in_place=False,
@@ -73,7 +77,10 @@ TILINGS = {"mosaic_two_kernels": TWO_KERNELS,
            "mosaic_fused3": MosaicAttentionTiling(fused_split_dq=False, fused_steps=3),
            "mosaic_split": MosaicAttentionTiling(fused_split_dq=True, fused_steps=2),
            "mosaic_split3": MosaicAttentionTiling(fused_split_dq=True, fused_steps=3),
-           "mosaic_pingpong": MosaicAttentionTiling(forward_pingpong=True)}
+           "mosaic_pingpong": MosaicAttentionTiling(forward_pingpong=True),
+           "mosaic_registers": MosaicAttentionTiling(forward_registers=True),
+           "mosaic_registers_pingpong": MosaicAttentionTiling(forward_registers=True,
+                                                              forward_pingpong=True)}
 
 
 def random_causal_mask(seed: int, n: int, sparsity: float) -> np.ndarray:

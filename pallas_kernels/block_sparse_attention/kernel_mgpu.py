@@ -76,6 +76,11 @@ class MosaicAttentionTiling:
     # Off: measured slower here (32k dense forward 7.26 vs 6.52 ms at head_dim 64, equal at
     # 128), where P goes through shared memory and O through a fresh accumulator each step
     forward_pingpong: bool = False
+    # forward: P as wgmma's register operand and O rescaled in its accumulator in place (FA3)
+    # instead of P through shared memory into a fresh accumulator. GPU only: the interpreter
+    # runs neither form, so it is tested on the H200 (marked gpu) against the reference.
+    # Not yet measured: off
+    forward_registers: bool = False
     # backward as one kernel (kernel_mgpu_fused_bwd.py: five products a tile, dQ added
     # across key blocks by TMA reduce-add) instead of the dQ and dK/dV kernels (seven; the
     # three fields above shape those); on the H200 the dense pattern goes from 0.56-0.59x
@@ -178,6 +183,11 @@ def forward(q, k, v, layout, *, block: int, scale: float, interpret: bool = Fals
     swizzled = transforms(q.dtype)
 
     pingpong = tiling.forward_pingpong and wgs == 2
+    registers = tiling.forward_registers
+    if registers and interpret:
+        raise NotImplementedError(
+            "MosaicAttentionTiling.forward_registers: Mosaic GPU's interpreter runs no wgmma "
+            "with a register operand and no in-place accumulator (jax 0.11.2); GPU only")
 
     def body(table_ref, count_ref, diagonal_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
              qo_smem2, p_smem2, lse_smem2, q_barriers, turn):
@@ -229,6 +239,18 @@ def forward(q, k, v, layout, *, block: int, scale: float, interpret: bool = Fals
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(s - m_new[:, None])
             l = l * alpha + p.sum(axis=1)
+            if registers:  # FA3's form: P from registers, O rescaled and added in place
+                p16 = p.astype(q.dtype)
+                if pingpong:
+                    take_turns()
+                acc = acc * alpha[:, None]
+
+                def add_pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem)
+
+                acc = pl.run_state(add_pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_consumed)
+                return acc, m_new, l
             stage(p_smem2.at[wg], p)
             if pingpong:
                 take_turns()  # softmax done; the tensor cores are ours once the other's is
