@@ -321,7 +321,9 @@ def test_gpu_mosaic_fused_backward_matches_the_reference(block, d, hkv, steps, k
 # only); both
 FORWARD_FORMS = {"pingpong": dict(forward_pingpong=True),
                  "registers": dict(forward_registers=True),
-                 "registers_pingpong": dict(forward_registers=True, forward_pingpong=True)}
+                 "registers_pingpong": dict(forward_registers=True, forward_pingpong=True),
+                 # and the fused backward's register operands (GPU only too)
+                 "all_registers": dict(forward_registers=True, backward_registers=True)}
 
 
 @pytest.mark.gpu
@@ -485,25 +487,34 @@ def test_mosaic_forward_pingpong_in_interpret_mode_matches_the_reference():
 
 
 @pytest.mark.parametrize("block, d", [(64, 64), (128, 128)])
-def test_mosaic_forward_register_forms_lower_for_cuda_and_refuse_the_interpreter(block, d):
-    """forward_registers (P as wgmma's register operand, O rescaled in place) passes the
-    Mosaic GPU lowering for sm_90 on this CPU, alone and with ping-pong; the interpreter,
-    which runs neither construct, gets a clear error instead of a wrong answer."""
+def test_mosaic_register_forms_lower_for_cuda_and_refuse_the_interpreter(block, d):
+    """forward_registers (P as wgmma's register operand, O rescaled in place) and the fused
+    backward's backward_registers pass the Mosaic GPU lowering for sm_90 on this CPU; the
+    interpreter, which runs neither construct, gets a clear error, not a wrong answer."""
     b, t, h, hkv = 1, 512, 2, 1
     q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16)
     mask = np.tril(np.ones((t // block, t // block), bool))
-    for form in ("registers", "registers_pingpong"):
+    for form in ("registers", "registers_pingpong", "all_registers"):
         tiling = kernel_mgpu.MosaicAttentionTiling(**FORWARD_FORMS[form])
         fn = functools.partial(block_sparse_attention, block=block, implementation="mosaic",
                                mosaic=tiling)
-        text = jax.jit(lambda q, k, v: fn(q, k, v, mask)).trace(q, kv, kv).lower(
-            lowering_platforms=("cuda",)).as_text()
-        assert "mosaic_gpu" in text
+
+        def fb(q, k, v, do):
+            o, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
+            return (o, *vjp(do))
+
+        text = jax.jit(fb).trace(q, kv, kv, q).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text and "block_sparse_attention_fused_bwd" in text
+    zeros = [jnp.zeros(x.shape, x.dtype) for x in (q, kv, kv)]
     with pytest.raises(NotImplementedError, match="forward_registers"):
-        block_sparse_attention(*(jnp.zeros(x.shape, x.dtype) for x in (q, kv, kv)), mask,
-                               block=block, implementation="mosaic_interpret",
+        block_sparse_attention(*zeros, mask, block=block, implementation="mosaic_interpret",
                                mosaic=tiling)
+    backward_only = kernel_mgpu.MosaicAttentionTiling(backward_registers=True)
+    with pytest.raises(NotImplementedError, match="backward_registers"):
+        jax.grad(lambda q: block_sparse_attention(
+            q, *zeros[1:], mask, block=block, implementation="mosaic_interpret",
+            mosaic=backward_only).sum())(zeros[0])
 
 
 def test_one_implementation_per_pass_matches_the_reference():

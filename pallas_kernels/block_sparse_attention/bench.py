@@ -66,7 +66,9 @@ RUNS_AS = {"pallas": PALLAS,
            # the forward with P from registers and O rescaled in place (FA3; GPU only), alone
            # and with ping-pong
            "mosaic_registers": "mosaic",
-           "mosaic_registers_pingpong": "mosaic"}
+           "mosaic_registers_pingpong": "mosaic",
+           # and the fused backward's register operands (GPU only)
+           "mosaic_all_registers": "mosaic"}
 TWO_KERNELS = MosaicAttentionTiling(fused_backward=False)
 TILINGS = {"mosaic_two_kernels": TWO_KERNELS,
            "mosaic_fresh": dataclasses.replace(TWO_KERNELS, backward_in_place=False,
@@ -80,7 +82,9 @@ TILINGS = {"mosaic_two_kernels": TWO_KERNELS,
            "mosaic_pingpong": MosaicAttentionTiling(forward_pingpong=True),
            "mosaic_registers": MosaicAttentionTiling(forward_registers=True),
            "mosaic_registers_pingpong": MosaicAttentionTiling(forward_registers=True,
-                                                              forward_pingpong=True)}
+                                                              forward_pingpong=True),
+           "mosaic_all_registers": MosaicAttentionTiling(forward_registers=True,
+                                                         backward_registers=True)}
 
 
 def random_causal_mask(seed: int, n: int, sparsity: float) -> np.ndarray:

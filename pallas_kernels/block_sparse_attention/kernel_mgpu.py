@@ -95,6 +95,9 @@ class MosaicAttentionTiling:
     # the reduce-add traffic, the staging tile and the dQ accumulator (needs head_dim / 2 a
     # multiple of 64; otherwise the own-keys form runs). 0.64x -> 0.70x dense at block 128
     fused_split_dq: bool = True
+    # fused: P^T and dS^T as the register operands of the dV and dK products (FA3; dS^T is
+    # still staged for dQ's). GPU only, like forward_registers; not yet measured: off
+    backward_registers: bool = False
 
 
 def transforms(dtype) -> tuple:

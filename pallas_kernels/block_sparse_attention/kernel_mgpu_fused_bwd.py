@@ -83,6 +83,11 @@ def fused_backward(q, k, v, do, lse, delta, layout, *, block: int, scale: float,
     cols = d // wgs if split else d
     buffers = 2 if split else 1  # dS^T by step parity: one may be read while one is written
     ring = tiling.fused_steps or (3 if d <= 64 else 2)  # measured: docs/BENCHMARKS.md
+    registers = tiling.backward_registers
+    if registers and interpret:
+        raise NotImplementedError(
+            "MosaicAttentionTiling.backward_registers: Mosaic GPU's interpreter runs no wgmma "
+            "with a register operand (jax 0.11.2); GPU only")
 
     def body(table_ref, count_ref, diagonal_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
              delta_ref, dq_ref, dk_ref, dv_ref, k_smem2, v_smem2, p_smem3, dq_smem2, loaded,
@@ -127,18 +132,25 @@ def fused_backward(q, k, v, do, lse, delta, layout, *, block: int, scale: float,
                                          col_offset=part * ROWS)
                 p = jnp.exp2(scores - lse_smem[...][None, :])
                 plgpu.barrier_arrive(lse_consumed)
-                stage(p_smem, p)
+                if not registers:
+                    stage(p_smem, p)
                 return p
 
             p, dp = two_products(k_smem, q_smem.transpose((1, 0)), v_smem,
                                   do_smem.transpose((1, 0)), (ROWS, ROWS), probabilities)
-            plgpu.wgmma(dv, p_smem, do_smem)
+            # dV += P^T dO: P^T from registers (FA3) or from its staging tile
+            plgpu.wgmma(dv, p.astype(q.dtype) if registers else p_smem, do_smem)
             ds = p * (dp - delta_smem[...][None, :])
             plgpu.barrier_arrive(delta_consumed)
             plgpu.wgmma_wait(0)  # the dV product read dO and P^T: both are free now
             plgpu.barrier_arrive(do_consumed)
-            stage(p_smem, ds)  # dS^T
-            plgpu.wgmma(dk, p_smem, q_smem)
+            if registers:  # dK's product reads dS^T from registers; dQ's needs it staged
+                ds16 = ds.astype(q.dtype)
+                plgpu.wgmma(dk, ds16, q_smem)
+                stage(p_smem, ds16)
+            else:
+                stage(p_smem, ds)  # dS^T
+                plgpu.wgmma(dk, p_smem, q_smem)
             if not split:
                 add_dq(matmul(p_smem.transpose((1, 0)), k_smem, (ROWS, d)),  # waits for dK
                        dq_smem, dq_ref.at[batch, rows, head])
