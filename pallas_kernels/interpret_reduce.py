@@ -4,9 +4,9 @@ The hardware adds a shared-memory tile into global memory atomically (`cp.reduce
 jax 0.11.2's interpreter raises `NotImplementedError("reduction_op not supported")`. Kernels
 that sum partial tiles from many programs into one buffer (the fused attention backward's
 dQ) could then only be tested on a GPU. `install_reduce_add()` patches the interpreter's
-callback: a copy with a reduction becomes an async
-task that adds the tile into its destination under one lock (the hardware's atomicity); a
-copy without one runs the interpreter's own code. The race detector still checks the source
+callback: a copy with a reduction becomes an async task that adds the tile into its
+destination under one lock (the hardware's atomicity); a copy without one runs the
+interpreter's own code. The race detector still checks the source
 read (the tile must be committed before the copy) but not the destination write: concurrent
 reduce-adds into one place are the point, and their sum does not depend on their order up to
 float rounding. Everything else about the copy (its commit group, `wait_smem_to_gmem`) is
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 
+import jax
 import numpy as np
 
 _LOCK = threading.Lock()
@@ -95,7 +96,6 @@ def _patched_copy(gpu_callbacks, original, task_class):
 
 
 def _ints(transforms):
-    import jax
     return jax.tree.map(int, transforms)
 
 
