@@ -54,6 +54,14 @@ def two_products(a1, b1, a2, b2, shape, on_first):
     return pl.run_scoped(scope, acc, acc)
 
 
+def load_key_tiles(k_rows, v_rows, k_smem, v_smem, loaded) -> None:
+    """A warpgroup's rows of K and V into shared memory, waited for (`loaded` expects the
+    two copies)."""
+    plgpu.copy_gmem_to_smem(k_rows, k_smem, loaded)
+    plgpu.copy_gmem_to_smem(v_rows, v_smem, loaded)
+    plgpu.barrier_wait(loaded)
+
+
 def write_dk_dv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, rows) -> None:
     """dK and dV to their per-query-head `rows`, through the shared memory of the K and V
     tiles (no longer needed by then)."""
@@ -165,9 +173,7 @@ def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret,
             k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
             g = jax.lax.div(head, group)
             keys = (batch, pl.ds(j * block + wg * ROWS, ROWS), g)
-            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, loaded.at[wg])
-            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, loaded.at[wg])
-            plgpu.barrier_wait(loaded.at[wg])
+            load_key_tiles(k_ref.at[keys], v_ref.at[keys], k_smem, v_smem, loaded.at[wg])
             if in_place:
                 def accumulate(dk_acc, dv_acc):
                     dk_ref, dv_ref = pipeline((dk_acc, dv_acc))

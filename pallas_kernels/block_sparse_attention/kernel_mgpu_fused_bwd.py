@@ -44,7 +44,8 @@ from pallas_kernels.block_sparse_attention.kernel_mgpu import (
     stage,
     transforms,
 )
-from pallas_kernels.block_sparse_attention.kernel_mgpu_bwd import two_products, write_dk_dv
+from pallas_kernels.block_sparse_attention.kernel_mgpu_bwd import (load_key_tiles, two_products,
+                                                                  write_dk_dv)
 
 
 def _launch(body, out_shape, scratch, *, grid, compute_wgs: int, interpret: bool):
@@ -99,9 +100,7 @@ def fused_backward(q, k, v, do, lse, delta, layout, *, block: int, scale: float,
             k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
             g = jax.lax.div(head, group)
             keys = (batch, pl.ds(j * block + wg * ROWS, ROWS), g)
-            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, loaded.at[wg])
-            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, loaded.at[wg])
-            plgpu.barrier_wait(loaded.at[wg])
+            load_key_tiles(k_ref.at[keys], v_ref.at[keys], k_smem, v_smem, loaded.at[wg])
 
             def accumulate(dk_acc, dv_acc):
                 dk_ref_, dv_ref_ = pipeline((dk_acc, dv_acc))
