@@ -413,6 +413,9 @@ MOSAIC_CASES = [
     (1, 256, 4, 2, 64, 64, 0.6, "per_head", True, 2),  # GQA 2, an empty block row per head
     (1, 256, 2, 1, 128, 128, 1.0, "shared", True, 3),  # MQA, dense causal, 2 consumer wgs
     (2, 128, 2, 2, 64, 64, 0.5, "per_sequence_head", False, 2),  # non-causal, empty rows
+    # block 128 at head_dim 128 with a sparse per-head mask: the fused backward's 64-row
+    # query steps on and off the diagonal, its dQ split, and empty block rows
+    (1, 384, 2, 1, 128, 128, 0.5, "per_head", True, 2),
 ]
 
 
