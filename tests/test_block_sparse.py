@@ -265,18 +265,18 @@ def test_mosaic_rejects_what_wgmma_cannot_take():
                             implementation="mosaic_interpret")
 
 
+GPU_IMPLEMENTATIONS = ["pallas", "mosaic", "mosaic,pallas,pallas", "mosaic_ws,mosaic_ws,pallas",
+                       "mosaic_stream,mosaic_stream,pallas", "mosaic_stream"]
+WARP_SPECIALIZED = ("mosaic_ws", "mosaic_stream")  # the kernels delay_release applies to
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("implementation", ["pallas", "mosaic", "mosaic,pallas,pallas",
-                                            "mosaic_ws,mosaic_ws,pallas",
-                                            "mosaic_stream,mosaic_stream,pallas",
-                                            "mosaic_stream"])
+@pytest.mark.parametrize("implementation, delay_release", [
+    (implementation, delay) for implementation in GPU_IMPLEMENTATIONS for delay in (0, 1)
+    if delay == 0 or implementation.startswith(WARP_SPECIALIZED)])
 @pytest.mark.parametrize("block", [64, 128])
 @pytest.mark.parametrize("density", [0.1, 0.25, 0.5, 1.0])
-@pytest.mark.parametrize("delay_release", [0, 1])
 def test_gpu_kernels_match_the_reference(implementation, block, density, delay_release):
-    if delay_release and not any(p.startswith(("mosaic_ws", "mosaic_stream"))
-                                 for p in implementation.split(",")):
-        pytest.skip("delay_release applies to the warp-specialized kernels only")
     t, k, n = 1024, 1024, 2048
     x, w, mask, dy = _inputs(t, k, n, block, density, None, jnp.bfloat16, seed=block)
     layout = build_layout(mask)
