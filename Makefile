@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: train test test-slow setup clean
+.PHONY: train test test-slow test-gpu setup clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+# On a GPU machine: the tests marked gpu (kernels against their references on the device).
+test-gpu: $(STAMP)
+	JAX_PLATFORMS=cuda $(BIN)/python -m pytest -q -m gpu $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs
