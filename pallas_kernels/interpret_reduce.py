@@ -25,8 +25,19 @@ import numpy as np
 _LOCK = threading.Lock()
 
 
+# what the patch uses of the interpreter's private module (jax 0.11.2)
+_NEEDED = ("AsyncCopySmemToGmemTask", "HostAllocationKey", "copy_smem_to_gmem",
+           "fail_on_exception", "_get_shared_memory", "_remove_noop_transforms")
+
+
 def _interpreter():
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    if missing := [name for name in _NEEDED if not hasattr(gpu_callbacks, name)]:
+        raise RuntimeError(
+            f"pallas_kernels/interpret_reduce.py: jax {jax.__version__}'s Mosaic GPU "
+            f"interpreter lacks {', '.join(missing)}; the reduce-add patch is written for "
+            "jax 0.11.2 (pinned in pyproject.toml): update it, or interpret the attention "
+            "backward with MosaicAttentionTiling(fused_backward=False)")
     return gpu_callbacks
 
 
