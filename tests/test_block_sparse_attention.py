@@ -510,11 +510,11 @@ def test_mosaic_register_forms_lower_for_cuda_and_refuse_the_interpreter(block, 
         text = jax.jit(fb).trace(q, kv, kv, q).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text and "block_sparse_attention_fused_bwd" in text
     zeros = [jnp.zeros(x.shape, x.dtype) for x in (q, kv, kv)]
-    with pytest.raises(NotImplementedError, match="forward_registers"):
+    with pytest.raises(BlockSparseAttentionError, match="forward_registers"):
         block_sparse_attention(*zeros, mask, block=block, implementation="mosaic_interpret",
                                mosaic=tiling)
     backward_only = kernel_mgpu.MosaicAttentionTiling(backward_registers=True)
-    with pytest.raises(NotImplementedError, match="backward_registers"):
+    with pytest.raises(BlockSparseAttentionError, match="backward_registers"):
         jax.grad(lambda q: block_sparse_attention(
             q, *zeros[1:], mask, block=block, implementation="mosaic_interpret",
             mosaic=backward_only).sum())(zeros[0])

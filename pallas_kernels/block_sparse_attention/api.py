@@ -65,7 +65,8 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                            mosaic: kernel_mgpu.MosaicAttentionTiling | None = None) -> jax.Array:
     """`scale` defaults to 1/sqrt(D); `num_warps` (default 4, 8 for D > 64) and `num_stages`
     tune the Triton kernels, `mosaic` the Mosaic GPU ones (TMA ring depths)."""
-    check(q, k, v, layout_or_mask, block=block, causal=causal, implementation=implementation)
+    check(q, k, v, layout_or_mask, block=block, causal=causal, implementation=implementation,
+          mosaic=mosaic)
     layout = layout_or_mask
     if not isinstance(layout, AttentionLayout):
         layout = build_layout(layout, causal=causal)
@@ -134,7 +135,8 @@ def _backward(q, k, v, o, lse, do, layout, s):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def check(q, k, v, layout_or_mask, *, block: int, causal: bool, implementation: str) -> None:
+def check(q, k, v, layout_or_mask, *, block: int, causal: bool, implementation: str,
+          mosaic: kernel_mgpu.MosaicAttentionTiling | None = None) -> None:
     """Every bad input as a one-line BlockSparseAttentionError naming the fix."""
     passes = per_pass(implementation)
     if (implementation not in IMPLEMENTATIONS and
@@ -199,3 +201,15 @@ def check(q, k, v, layout_or_mask, *, block: int, causal: bool, implementation: 
             raise BlockSparseAttentionError(
                 f"the Mosaic GPU kernels support head_dim 64 or 128 (fp32 dK, dV accumulators "
                 f"in registers), got {d}; use implementation='pallas'")
+    if mosaic is not None:
+        # the register-operand forms: Mosaic GPU's interpreter (jax 0.11.2) runs no wgmma
+        # with a register operand and no in-place accumulator, so they are GPU only
+        forward, backward = passes
+        gpu_only = [name for name, interpreted in (
+            ("forward_registers", forward == "mosaic_interpret"),
+            ("backward_registers", backward == "mosaic_interpret" and mosaic.fused_backward))
+            if interpreted and getattr(mosaic, name)]
+        if gpu_only:
+            raise BlockSparseAttentionError(
+                f"MosaicAttentionTiling.{gpu_only[0]} runs on the GPU only (the interpreter has "
+                f"no wgmma register operand); set it to False for mosaic_interpret")

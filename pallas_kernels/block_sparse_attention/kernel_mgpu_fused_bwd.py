@@ -84,11 +84,7 @@ def fused_backward(q, k, v, do, lse, delta, layout, *, block: int, scale: float,
     cols = d // wgs if split else d
     buffers = 2 if split else 1  # dS^T by step parity: one may be read while one is written
     ring = tiling.fused_steps or (3 if d <= 64 else 2)  # measured: docs/BENCHMARKS.md
-    registers = tiling.backward_registers
-    if registers and interpret:
-        raise NotImplementedError(
-            "MosaicAttentionTiling.backward_registers: Mosaic GPU's interpreter runs no wgmma "
-            "with a register operand (jax 0.11.2); GPU only")
+    registers = tiling.backward_registers  # GPU only: api.check refuses it interpreted
 
     def body(table_ref, count_ref, diagonal_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
              delta_ref, dq_ref, dk_ref, dv_ref, k_smem2, v_smem2, p_smem3, dq_smem2, loaded,
