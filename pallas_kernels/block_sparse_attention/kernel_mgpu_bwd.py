@@ -62,6 +62,17 @@ def load_key_tiles(k_rows, v_rows, k_smem, v_smem, loaded) -> None:
     plgpu.barrier_wait(loaded)
 
 
+def accumulate_dk_dv(pipeline, d: int):
+    """Runs a dK/dV pipeline whose steps add into two in-place wgmma accumulators (64 x d,
+    fp32), carried as refs; returns their final values."""
+    def scope(dk_acc, dv_acc):
+        dk, dv = pipeline((dk_acc, dv_acc))
+        return dk[...], dv[...]
+
+    acc = plgpu.ACC((ROWS, d), jnp.float32)
+    return pl.run_scoped(scope, acc, acc)
+
+
 def write_dk_dv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, rows) -> None:
     """dK and dV to their per-query-head `rows`, through the shared memory of the K and V
     tiles (no longer needed by then)."""
@@ -175,12 +186,7 @@ def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret,
             keys = (batch, pl.ds(j * block + wg * ROWS, ROWS), g)
             load_key_tiles(k_ref.at[keys], v_ref.at[keys], k_smem, v_smem, loaded.at[wg])
             if in_place:
-                def accumulate(dk_acc, dv_acc):
-                    dk_ref, dv_ref = pipeline((dk_acc, dv_acc))
-                    return dk_ref[...], dv_ref[...]
-
-                acc = plgpu.ACC((ROWS, d), jnp.float32)
-                dk, dv = pl.run_scoped(accumulate, acc, acc)
+                dk, dv = accumulate_dk_dv(pipeline, d)
             else:
                 zeros = jnp.zeros((ROWS, d), jnp.float32)
                 dk, dv = pipeline((zeros, zeros))

@@ -44,8 +44,9 @@ from pallas_kernels.block_sparse_attention.kernel_mgpu import (
     stage,
     transforms,
 )
-from pallas_kernels.block_sparse_attention.kernel_mgpu_bwd import (load_key_tiles, two_products,
-                                                                  write_dk_dv)
+from pallas_kernels.block_sparse_attention.kernel_mgpu_bwd import (accumulate_dk_dv,
+                                                                  load_key_tiles,
+                                                                  two_products, write_dk_dv)
 
 
 def _launch(body, out_shape, scratch, *, grid, compute_wgs: int, interpret: bool):
@@ -97,13 +98,7 @@ def fused_backward(q, k, v, do, lse, delta, layout, *, block: int, scale: float,
             g = jax.lax.div(head, group)
             keys = (batch, pl.ds(j * block + wg * ROWS, ROWS), g)
             load_key_tiles(k_ref.at[keys], v_ref.at[keys], k_smem, v_smem, loaded.at[wg])
-
-            def accumulate(dk_acc, dv_acc):
-                dk_ref_, dv_ref_ = pipeline((dk_acc, dv_acc))
-                return dk_ref_[...], dv_ref_[...]
-
-            acc = plgpu.ACC((ROWS, d), jnp.float32)
-            dk, dv = pl.run_scoped(accumulate, acc, acc)
+            dk, dv = accumulate_dk_dv(pipeline, d)
             plgpu.wait_smem_to_gmem(0)  # the last dQ reduce-add, before K's buffer is reused
             if split:  # and the other warpgroup's last dQ product, which read our K
                 plgpu.barrier_arrive(ds_ready)
