@@ -1,0 +1,68 @@
+"""Shared by the block-sparse attention tests: random inputs and masks, the reference's and
+a kernel's outputs and gradients, and how they are compared."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.block_sparse_attention import block_sparse_attention, reference
+
+
+def random_mask(key, kind, b, h, n, density):
+    shape = {"shared": (n, n), "per_head": (h, n, n), "per_sequence_head": (b, h, n, n)}[kind]
+    mask = jax.random.uniform(key, shape) < density
+    if density < 1:  # an empty query block row (in the causal part: row 1 has 2 tiles)
+        mask = mask.at[..., 1, :].set(False)
+    return mask
+
+
+def random_inputs(b, t, h, hkv, d, dtype, seed):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (b, t, h, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(keys[1], (b, t, hkv, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(keys[2], (b, t, hkv, d), jnp.float32).astype(dtype)
+    do = jax.random.normal(keys[3], (b, t, h, d), jnp.float32).astype(dtype)
+    return q, k, v, do
+
+
+def reference_grads(q, k, v, mask, do, block, causal):
+    """jax.vjp of the plain reference, in float32."""
+    @jax.jit
+    def run(q, k, v, mask, do):
+        f = lambda q, k, v: reference.attention(q, k, v, mask, block=block, causal=causal)  # noqa
+        o, vjp = jax.vjp(f, q, k, v)
+        return (o, *vjp(do))
+
+    up = lambda a: a.astype(jnp.float32)  # noqa: E731
+    return run(up(q), up(k), up(v), mask, up(do))
+
+
+def kernel_grads(q, k, v, mask_or_layout, do, block, causal, implementation, mosaic=None):
+    @jax.jit
+    def run(q, k, v, do):
+        def f(q, k, v):
+            return block_sparse_attention(q, k, v, mask_or_layout, block=block, causal=causal,
+                                          implementation=implementation, mosaic=mosaic)
+        o, vjp = jax.vjp(f, q, k, v)
+        return (o, *vjp(do))
+
+    return run(q, k, v, do)
+
+
+def relative_error(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def empty_rows(mask, b, h, t, block, causal):
+    """(B, T, H) bool: query rows with no visible key."""
+    full = np.asarray(reference.element_mask(mask, block, causal))  # (Bm, Hm, T, T)
+    empty = ~full.any(-1)  # (Bm, Hm, T)
+    return np.broadcast_to(np.moveaxis(empty, 1, 2), (b, t, h))
+
+
+def assert_matches_reference(ours, refs, tolerance: float) -> None:
+    """O, dQ, dK, dV: every element written (no NaN) and within `tolerance` relative error."""
+    for name, a, r in zip(("o", "dq", "dk", "dv"), ours, refs):
+        assert not np.any(np.isnan(np.asarray(a, np.float32))), name
+        assert relative_error(a, r) < tolerance, name
