@@ -43,48 +43,40 @@ from pallas_kernels.timing import median_seconds
 
 ON_GPU = jax.default_backend() == "gpu"
 PALLAS = "pallas" if ON_GPU else "interpret"  # on CPU the interpreter stands in
+MOSAIC = "mosaic" if ON_GPU else "mosaic_interpret"
+TWO_KERNELS = MosaicAttentionTiling(fused_backward=False)
+# Mosaic tilings to compare with the default (fused backward, split dQ) in one run
+TILINGS = {
+    # the two-kernel backward (dQ, dK/dV) and its earlier forms: in place and overlapped; a
+    # fresh accumulator per step; in place without the overlap
+    "mosaic_two_kernels": TWO_KERNELS,
+    "mosaic_fresh": dataclasses.replace(TWO_KERNELS, backward_in_place=False,
+                                        backward_overlap=False),
+    "mosaic_acc": dataclasses.replace(TWO_KERNELS, backward_overlap=False),
+    # the default with programs started in grid order (shortest causal rows first)
+    "mosaic_in_order": MosaicAttentionTiling(largest_first=False),
+    # the fused backward with each warpgroup adding its own keys' dQ, ring depths 2, 3
+    "mosaic_fused": MosaicAttentionTiling(fused_split_dq=False, fused_steps=2),
+    "mosaic_fused3": MosaicAttentionTiling(fused_split_dq=False, fused_steps=3),
+    # fused, each warpgroup computing half of dQ's columns (fused_split_dq: the default)
+    "mosaic_split": MosaicAttentionTiling(fused_split_dq=True, fused_steps=2),
+    "mosaic_split3": MosaicAttentionTiling(fused_split_dq=True, fused_steps=3),
+    # the default with the forward's warpgroups taking turns (forward_pingpong)
+    "mosaic_pingpong": MosaicAttentionTiling(forward_pingpong=True),
+    # GPU only (the interpreter refuses them): the forward with P from registers and O
+    # rescaled in place (FA3), alone and with ping-pong; and the fused backward's register
+    # operands too
+    "mosaic_registers": MosaicAttentionTiling(forward_registers=True),
+    "mosaic_registers_pingpong": MosaicAttentionTiling(forward_registers=True,
+                                                       forward_pingpong=True),
+    "mosaic_all_registers": MosaicAttentionTiling(forward_registers=True,
+                                                  backward_registers=True),
+}
 RUNS_AS = {"pallas": PALLAS,
-           "mosaic": "mosaic" if ON_GPU else "mosaic_interpret",
+           "mosaic": MOSAIC,
            # forward on Mosaic GPU, dQ and dK/dV on Triton (api: one per pass)
            "mosaic_fwd": "mosaic,pallas" if ON_GPU else "mosaic_interpret,interpret",
-           # the two-kernel backward (dQ, dK/dV) and its earlier forms, to compare with the
-           # default (fused, split dQ) in one run: in place and overlapped; a fresh
-           # accumulator per step; in place without the overlap
-           "mosaic_two_kernels": "mosaic" if ON_GPU else "mosaic_interpret",
-           "mosaic_fresh": "mosaic" if ON_GPU else "mosaic_interpret",
-           "mosaic_acc": "mosaic" if ON_GPU else "mosaic_interpret",
-           # the default with programs started in grid order (shortest causal rows first)
-           "mosaic_in_order": "mosaic" if ON_GPU else "mosaic_interpret",
-           # the fused backward with each warpgroup adding its own keys' dQ, ring depths 2, 3
-           "mosaic_fused": "mosaic" if ON_GPU else "mosaic_interpret",
-           "mosaic_fused3": "mosaic" if ON_GPU else "mosaic_interpret",
-           # fused, each warpgroup computing half of dQ's columns (fused_split_dq: the default)
-           "mosaic_split": "mosaic" if ON_GPU else "mosaic_interpret",
-           "mosaic_split3": "mosaic" if ON_GPU else "mosaic_interpret",
-           # the default with the forward's warpgroups taking turns (forward_pingpong)
-           "mosaic_pingpong": "mosaic" if ON_GPU else "mosaic_interpret",
-           # the forward with P from registers and O rescaled in place (FA3; GPU only), alone
-           # and with ping-pong
-           "mosaic_registers": "mosaic",
-           "mosaic_registers_pingpong": "mosaic",
-           # and the fused backward's register operands (GPU only)
-           "mosaic_all_registers": "mosaic"}
-TWO_KERNELS = MosaicAttentionTiling(fused_backward=False)
-TILINGS = {"mosaic_two_kernels": TWO_KERNELS,
-           "mosaic_fresh": dataclasses.replace(TWO_KERNELS, backward_in_place=False,
-                                               backward_overlap=False),
-           "mosaic_acc": dataclasses.replace(TWO_KERNELS, backward_overlap=False),
-           "mosaic_in_order": MosaicAttentionTiling(largest_first=False),
-           "mosaic_fused": MosaicAttentionTiling(fused_split_dq=False, fused_steps=2),
-           "mosaic_fused3": MosaicAttentionTiling(fused_split_dq=False, fused_steps=3),
-           "mosaic_split": MosaicAttentionTiling(fused_split_dq=True, fused_steps=2),
-           "mosaic_split3": MosaicAttentionTiling(fused_split_dq=True, fused_steps=3),
-           "mosaic_pingpong": MosaicAttentionTiling(forward_pingpong=True),
-           "mosaic_registers": MosaicAttentionTiling(forward_registers=True),
-           "mosaic_registers_pingpong": MosaicAttentionTiling(forward_registers=True,
-                                                              forward_pingpong=True),
-           "mosaic_all_registers": MosaicAttentionTiling(forward_registers=True,
-                                                         backward_registers=True)}
+           **{name: MOSAIC for name in TILINGS}}
 
 
 def random_causal_mask(seed: int, n: int, sparsity: float) -> np.ndarray:

@@ -34,8 +34,8 @@ O = 0 / max(l, 1) = 0 and lse = -inf + log2(1) = -inf, the convention of referen
 no extra select (l >= 1 for every row that saw a key: its maximum contributes exp2(0) = 1).
 
 The backward is in kernel_mgpu_fused_bwd.py (one kernel, the default) or kernel_mgpu_bwd.py
-(the dQ and dK/dV kernels; `MosaicAttentionTiling(fused_backward=False)`). Runs on CPU under Mosaic GPU's interpret mode
-(`interpret=True`), which is how the tests check it.
+(the dQ and dK/dV kernels; `MosaicAttentionTiling(fused_backward=False)`). Runs on CPU under
+Mosaic GPU's interpret mode (`interpret=True`), which is how the tests check it.
 """
 
 from __future__ import annotations
