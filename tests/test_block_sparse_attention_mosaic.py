@@ -8,6 +8,7 @@ checks what the Mosaic lowering accepts for sm_90, not numbers). The tests marke
 them on the H200, including the forms the interpreter cannot run.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -71,13 +72,37 @@ def test_gpu_mosaic_fused_backward_matches_the_reference(block, d, hkv, steps, k
     assert np.all(np.asarray(ours[1], np.float32)[empty] == 0.0)  # dQ: zeroed, never added
 
 
-# the forward's optional forms: warpgroups taking turns; P from registers, O in place (GPU
-# only); both
-FORWARD_FORMS = {"pingpong": dict(forward_pingpong=True),
-                 "registers": dict(forward_registers=True),
+# the forward's forms, each set explicitly (None resolves to the measured choice): warpgroups
+# taking turns; P from registers, O in place (GPU only); both; and the fused backward's
+# register operands too (GPU only), forced on at head_dim 128 as well, where None leaves
+# them off
+FORWARD_FORMS = {"pingpong": dict(forward_registers=False, forward_pingpong=True),
+                 "registers": dict(forward_registers=True, forward_pingpong=False),
                  "registers_pingpong": dict(forward_registers=True, forward_pingpong=True),
-                 # and the fused backward's register operands (GPU only too)
                  "all_registers": dict(forward_registers=True, backward_registers=True)}
+
+
+def test_mosaic_tiling_resolves_none_to_the_measured_choices():
+    """None fields become the forms measured fastest on the H200 (docs/BENCHMARKS.md) on the
+    GPU, and the shared-memory forms in the interpreter, which cannot run register operands;
+    a value set explicitly is kept either way."""
+    default = kernel_mgpu.MosaicAttentionTiling()
+    d64, d128 = default.resolved(64, interpret=False), default.resolved(128, interpret=False)
+    assert d64.forward_registers and d64.forward_pingpong and d64.backward_registers
+    assert d128.forward_registers and d128.forward_pingpong and not d128.backward_registers
+    assert (d64.backward_memory_registers, d128.backward_memory_registers) == (40, 24)
+    for d in (64, 128):
+        interpreted = default.resolved(d, interpret=True)
+        assert not (interpreted.forward_registers or interpreted.forward_pingpong
+                    or interpreted.backward_registers)
+        assert interpreted.resolved(d, interpret=False) == interpreted  # nothing left to fill
+    explicit = kernel_mgpu.MosaicAttentionTiling(forward_registers=False, forward_pingpong=True,
+                                                 backward_registers=True,
+                                                 backward_memory_registers=32)
+    assert explicit.resolved(128, interpret=False) == explicit
+    # ping-pong follows the forward's form unless set
+    assert not dataclasses.replace(default, forward_registers=False).resolved(
+        64, interpret=False).forward_pingpong
 
 
 @pytest.mark.gpu
@@ -107,6 +132,9 @@ def test_the_benchmark_runs_on_cpu_in_interpret_mode():
     assert bench.RUNS_AS["mosaic_fresh"] == bench.RUNS_AS["mosaic_acc"] == bench.RUNS_AS["mosaic"]
     default = kernel_mgpu.MosaicAttentionTiling()
     assert default.fused_backward and default.fused_split_dq  # measured fastest (BENCHMARKS)
+    shared = bench.TILINGS["mosaic_shared"].resolved(128, interpret=False)  # session 9's form
+    assert not (shared.forward_registers or shared.forward_pingpong or shared.backward_registers)
+    assert shared.backward_memory_registers == 40
     two = bench.TILINGS["mosaic_two_kernels"]
     assert not two.fused_backward and two.backward_in_place and two.backward_overlap
     assert not bench.TILINGS["mosaic_fresh"].fused_backward

@@ -61,16 +61,25 @@ TILINGS = {
     # fused, each warpgroup computing half of dQ's columns (fused_split_dq: the default)
     "mosaic_split": MosaicAttentionTiling(fused_split_dq=True, fused_steps=2),
     "mosaic_split3": MosaicAttentionTiling(fused_split_dq=True, fused_steps=3),
-    # the default with the forward's warpgroups taking turns (forward_pingpong)
-    "mosaic_pingpong": MosaicAttentionTiling(forward_pingpong=True),
-    # GPU only (the interpreter refuses them): the forward with P from registers and O
-    # rescaled in place (FA3), alone and with ping-pong; and the fused backward's register
-    # operands too
-    "mosaic_registers": MosaicAttentionTiling(forward_registers=True),
+    # every operand through shared memory, no ping-pong, 40 memory registers: the default
+    # until session 10 (the interpreter's form); the default's backward in that form
+    "mosaic_shared": MosaicAttentionTiling(forward_registers=False, forward_pingpong=False,
+                                           backward_registers=False,
+                                           backward_memory_registers=40),
+    "mosaic_backward_shared": MosaicAttentionTiling(backward_registers=False),
+    # the forward's forms set explicitly (the default resolves them by head_dim: kernel_mgpu):
+    # ping-pong alone; P from registers and O rescaled in place (FA3), alone and with
+    # ping-pong; and the fused backward's register operands too, at every head_dim
+    "mosaic_pingpong": MosaicAttentionTiling(forward_registers=False, forward_pingpong=True),
+    "mosaic_registers": MosaicAttentionTiling(forward_registers=True, forward_pingpong=False),
     "mosaic_registers_pingpong": MosaicAttentionTiling(forward_registers=True,
                                                        forward_pingpong=True),
     "mosaic_all_registers": MosaicAttentionTiling(forward_registers=True,
                                                   backward_registers=True),
+    # the fused backward's memory warpgroup at 40 registers (232 per compute thread) and at
+    # 24 (240), whatever the head_dim
+    "mosaic_memory40": MosaicAttentionTiling(backward_memory_registers=40),
+    "mosaic_memory24": MosaicAttentionTiling(backward_memory_registers=24),
 }
 RUNS_AS = {"pallas": PALLAS,
            "mosaic": MOSAIC,

@@ -15,19 +15,18 @@ block / 64 compute warpgroups and one memory warpgroup:
     softmax in base 2 (logits pre-multiplied by scale * log2 e), O = alpha O + P V (wgmma).
     K's slot is released right after Q K^T, V's after P V, so the next TMA starts early.
 
-Two constructs are chosen because Mosaic GPU's interpreter (jax 0.11.2, the only way to run
-these kernels on CPU) cannot run the faster ones: P (and dS in the backward) goes through
-shared memory into an SS wgmma, since the interpreter's wgmma takes no register operand (FA3
-feeds P from registers); and every product lands in a fresh zero accumulator added to the
-carry (`matmul`), since the interpreter has no rule for run_state_p or for storing into an
-accumulator (FA3 accumulates in place). Both cost speed, not correctness; they are the first
-thing to revisit with a GPU at hand. The backward's sums need no rescaling, and the
-interpreter does run a wgmma accumulating into an accumulator carried through the pipeline:
-`MosaicAttentionTiling.backward_in_place` does that for dQ, dK and dV, and
-`backward_overlap` overlaps each step's softmax math with its dP wgmma (both on by default:
-5-8% off forward+backward on the H200). FA3's ping-pong schedule between the two consumer
-warpgroups is `MosaicAttentionTiling.forward_pingpong` (off: slower in this form). Not done:
-a persistent grid.
+Two constructs have two forms, because Mosaic GPU's interpreter (jax 0.11.2, the only way
+to run these kernels on CPU) cannot run the faster ones. On the GPU (by default: see
+MosaicAttentionTiling.resolved) P is wgmma's register operand and O is rescaled in its
+accumulator in place, as in FA3, and the two compute warpgroups take turns (ping-pong).
+In the interpreter P goes through shared memory into an SS wgmma and every product lands
+in a fresh zero accumulator added to the carry (`matmul`), since its wgmma takes no
+register operand and it has no rule for run_state_p or for storing into an accumulator.
+The backward's sums need no rescaling, and the interpreter does run a wgmma accumulating
+into an accumulator carried through the pipeline: `MosaicAttentionTiling.backward_in_place`
+does that for dQ, dK and dV, and `backward_overlap` overlaps each step's softmax math with
+its dP wgmma (both on by default: 5-8% off forward+backward on the H200). Not done: a
+persistent grid.
 
 A row block with no kept tile runs zero steps: its accumulator and running sum stay 0, so
 O = 0 / max(l, 1) = 0 and lse = -inf + log2(1) = -inf, the convention of reference.py, with
@@ -73,14 +72,16 @@ class MosaicAttentionTiling:
     largest_first: bool = True
     # forward at block 128: FA3's ping-pong between the two compute warpgroups (a barrier
     # makes one's S = Q K^T and P V products run while the other computes its softmax).
-    # Off: measured slower here (32k dense forward 7.26 vs 6.52 ms at head_dim 64, equal at
-    # 128), where P goes through shared memory and O through a fresh accumulator each step
-    forward_pingpong: bool = False
+    # None: on exactly when forward_registers is (32k dense forward on the H200, session 10:
+    # 6.20 -> 5.63 ms at head_dim 64, 8.65 -> 8.31 at 128 with registers; without them it
+    # was slower at 64, 7.26 vs 6.52 ms, and equal at 128)
+    forward_pingpong: bool | None = None
     # forward: P as wgmma's register operand and O rescaled in its accumulator in place (FA3)
     # instead of P through shared memory into a fresh accumulator. GPU only: the interpreter
     # runs neither form, so it is tested on the H200 (marked gpu) against the reference.
-    # Not yet measured: off
-    forward_registers: bool = False
+    # None: on the GPU, off in the interpreter (32k dense forward 6.52 -> 6.20 ms at
+    # head_dim 64, 8.89 -> 8.65 at 128)
+    forward_registers: bool | None = None
     # backward as one kernel (kernel_mgpu_fused_bwd.py: five products a tile, dQ added
     # across key blocks by TMA reduce-add) instead of the dQ and dK/dV kernels (seven; the
     # three fields above shape those); on the H200 the dense pattern goes from 0.56-0.59x
@@ -96,8 +97,30 @@ class MosaicAttentionTiling:
     # multiple of 64; otherwise the own-keys form runs). 0.64x -> 0.70x dense at block 128
     fused_split_dq: bool = True
     # fused: P^T and dS^T as the register operands of the dV and dK products (FA3; dS^T is
-    # still staged for dQ's). GPU only, like forward_registers; not yet measured: off
-    backward_registers: bool = False
+    # still staged for dQ's). GPU only, like forward_registers. None: on the GPU at head_dim
+    # 64 (32k dense backward 14.4 -> 13.4 ms), off at 128, where the P^T operand that must
+    # stay live beside the 64 x 128 dK and dV accumulators makes ptxas spill ~300 bytes per
+    # thread (forward + backward 38.9 ms at best against 35.8)
+    backward_registers: bool | None = None
+    # fused: registers of the memory warpgroup, which only issues TMAs; the two compute
+    # warpgroups share the rest, (512 - n) / 2 each rounded down to 8. None: 24 above
+    # head_dim 64, as FA3, which gives them 240 and removes the spills of the 232 that 40
+    # leaves (32k dense forward + backward 40.1 -> 35.8 ms at 128); 40 at 64, where 24
+    # spills in the memory warpgroup and measured slower (19.0 vs 19.7 ms)
+    backward_memory_registers: int | None = None
+
+    def resolved(self, head_dim: int, interpret: bool) -> "MosaicAttentionTiling":
+        """This tiling with each None replaced by its measured choice for head_dim (the
+        register forms off in the interpreter, which cannot run them)."""
+        forward_registers = (not interpret if self.forward_registers is None
+                             else self.forward_registers)
+        pick = lambda value, auto: auto if value is None else value  # noqa: E731
+        return dataclasses.replace(
+            self, forward_registers=forward_registers,
+            forward_pingpong=pick(self.forward_pingpong, forward_registers),
+            backward_registers=pick(self.backward_registers, not interpret and head_dim <= 64),
+            backward_memory_registers=pick(self.backward_memory_registers,
+                                           MEMORY_REGISTERS if head_dim <= 64 else 24))
 
 
 def transforms(dtype) -> tuple:
@@ -178,8 +201,8 @@ def launch(body, out_shape, scratch, *, grid, compute_wgs: int, interpret: bool)
 def forward(q, k, v, layout, *, block: int, scale: float, interpret: bool = False,
             tiling: MosaicAttentionTiling | None = None):
     """(O in q's dtype, base-2 lse B x H x T in fp32), as kernel.forward."""
-    tiling = tiling or MosaicAttentionTiling()
     b, t, h, d = q.shape
+    tiling = (tiling or MosaicAttentionTiling()).resolved(d, interpret)
     group = h // k.shape[2]
     wgs = block // ROWS
     qk_scale = scale * LOG2E

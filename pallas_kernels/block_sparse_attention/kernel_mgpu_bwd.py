@@ -264,7 +264,7 @@ def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret,
 def backward(q, k, v, o, lse, do, layout, *, block: int, scale: float, interpret: bool = False,
              tiling: MosaicAttentionTiling | None = None):
     """(dQ, dK, dV) from the forward's O and base-2 lse, as kernel.backward."""
-    tiling = tiling or MosaicAttentionTiling()
+    tiling = (tiling or MosaicAttentionTiling()).resolved(q.shape[-1], interpret)
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     if tiling.backward_overlap and not tiling.backward_in_place:
         raise ValueError("MosaicAttentionTiling.backward_overlap needs backward_in_place")

@@ -17,8 +17,9 @@ the kernel writes in place) and XLA scales and casts it afterwards.
 
 Query tiles stream in 64-row steps (a kept block of 128 rows is two steps): that keeps each
 warpgroup's live accumulators at dK, dV (64 x D each) plus either S^T and dP^T (64 x 64) or
-dQ_part (64 x D), within the 232 registers a compute thread gets, and the ring of Q, dO
-slots plus the fp32 dQ staging tile within shared memory. Each step's reduce-add runs while
+dQ_part (64 x D), within the 232 or 240 registers a compute thread gets (see
+backward_memory_registers), and the ring of Q, dO slots plus the fp32 dQ staging tile
+within shared memory. Each step's reduce-add runs while
 the next step computes; its staging tile is only rewritten once that copy has read it.
 
 The interpreter (tests) has no TMA reduce-add in jax 0.11.2: pallas_kernels/interpret_reduce.py
@@ -34,7 +35,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.block_sparse_attention.kernel_mgpu import (
     LOG2E,
-    MEMORY_REGISTERS,
     ROWS,
     MosaicAttentionTiling,
     causal_mask,
@@ -176,8 +176,8 @@ def fused_backward(q, k, v, do, lse, delta, layout, *, block: int, scale: float,
 
         pipeline = plgpu.emit_pipeline_warp_specialized(
             step, grid=(steps * sub,), max_concurrent_steps=ring,
-            num_compute_wgs=wgs, memory_registers=MEMORY_REGISTERS, wg_axis="wg",
-            manual_consumed_barriers=True, compute_context=compute,
+            num_compute_wgs=wgs, memory_registers=tiling.backward_memory_registers,
+            wg_axis="wg", manual_consumed_barriers=True, compute_context=compute,
             in_specs=[plgpu.BlockSpec((ROWS, d), lambda s: (query_rows(s), 0),
                                       transforms=swizzled)] * 2
             + [plgpu.BlockSpec((ROWS,), lambda s: (query_rows(s),))] * 2)
