@@ -109,7 +109,7 @@ class MosaicAttentionTiling:
     # spills in the memory warpgroup and measured slower (19.0 vs 19.7 ms)
     backward_memory_registers: int | None = None
 
-    def resolved(self, head_dim: int, interpret: bool) -> "MosaicAttentionTiling":
+    def resolved(self, head_dim: int, interpret: bool) -> MosaicAttentionTiling:
         """This tiling with each None replaced by its measured choice for head_dim (the
         register forms off in the interpreter, which cannot run them)."""
         forward_registers = (not interpret if self.forward_registers is None

@@ -19,8 +19,8 @@ Query tiles stream in 64-row steps (a kept block of 128 rows is two steps): that
 warpgroup's live accumulators at dK, dV (64 x D each) plus either S^T and dP^T (64 x 64) or
 dQ_part (64 x D), within the 232 or 240 registers a compute thread gets (see
 backward_memory_registers), and the ring of Q, dO slots plus the fp32 dQ staging tile
-within shared memory. Each step's reduce-add runs while
-the next step computes; its staging tile is only rewritten once that copy has read it.
+within shared memory. Each step's reduce-add runs while the next step computes; its
+staging tile is only rewritten once that copy has read it.
 
 The interpreter (tests) has no TMA reduce-add in jax 0.11.2: pallas_kernels/interpret_reduce.py
 adds it when this kernel is built for interpretation.
