@@ -112,9 +112,8 @@ class MosaicAttentionTiling:
     def resolved(self, head_dim: int, interpret: bool) -> MosaicAttentionTiling:
         """This tiling with each None replaced by its measured choice for head_dim (the
         register forms off in the interpreter, which cannot run them)."""
-        forward_registers = (not interpret if self.forward_registers is None
-                             else self.forward_registers)
         pick = lambda value, auto: auto if value is None else value  # noqa: E731
+        forward_registers = pick(self.forward_registers, not interpret)
         return dataclasses.replace(
             self, forward_registers=forward_registers,
             forward_pingpong=pick(self.forward_pingpong, forward_registers),

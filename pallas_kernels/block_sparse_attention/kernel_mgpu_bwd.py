@@ -54,12 +54,16 @@ def two_products(a1, b1, a2, b2, shape, on_first):
     return pl.run_scoped(scope, acc, acc)
 
 
-def load_key_tiles(k_rows, v_rows, k_smem, v_smem, loaded) -> None:
-    """A warpgroup's rows of K and V into shared memory, waited for (`loaded` expects the
-    two copies)."""
-    plgpu.copy_gmem_to_smem(k_rows, k_smem, loaded)
-    plgpu.copy_gmem_to_smem(v_rows, v_smem, loaded)
+def load_key_tiles(k_ref, v_ref, k_smem2, v_smem2, loaded, *, batch, kv_head, j, block: int,
+                   wg):
+    """Warpgroup wg's 64 rows of key block j (K and V of kv_head) into its slots of k_smem2
+    and v_smem2, waited for (`loaded` expects the two copies). (k_smem, v_smem, rows)."""
+    rows = pl.ds(j * block + wg * ROWS, ROWS)
+    k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+    plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem, loaded)
+    plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem, loaded)
     plgpu.barrier_wait(loaded)
+    return k_smem, v_smem, rows
 
 
 def accumulate_dk_dv(pipeline, d: int):
@@ -181,16 +185,15 @@ def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret,
             table_ref, count_ref, diagonal_ref, layout)
 
         def compute(pipeline):
-            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-            g = jax.lax.div(head, group)
-            keys = (batch, pl.ds(j * block + wg * ROWS, ROWS), g)
-            load_key_tiles(k_ref.at[keys], v_ref.at[keys], k_smem, v_smem, loaded.at[wg])
+            k_smem, v_smem, rows = load_key_tiles(
+                k_ref, v_ref, k_smem2, v_smem2, loaded.at[wg], batch=batch,
+                kv_head=jax.lax.div(head, group), j=j, block=block, wg=wg)
             if in_place:
                 dk, dv = accumulate_dk_dv(pipeline, d)
             else:
                 zeros = jnp.zeros((ROWS, d), jnp.float32)
                 dk, dv = pipeline((zeros, zeros))
-            write_dk_dv(dk * scale, dv, k_smem, v_smem, dk_ref, dv_ref, (batch, keys[1], head))
+            write_dk_dv(dk * scale, dv, k_smem, v_smem, dk_ref, dv_ref, (batch, rows, head))
 
         def step(indices, q_smem, do_smem, lse_smem, delta_smem, q_consumed, do_consumed,
                  lse_consumed, delta_consumed, carry):

@@ -94,16 +94,15 @@ def fused_backward(q, k, v, do, lse, delta, layout, *, block: int, scale: float,
             table_ref, count_ref, diagonal_ref, layout)
 
         def compute(pipeline):
-            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-            g = jax.lax.div(head, group)
-            keys = (batch, pl.ds(j * block + wg * ROWS, ROWS), g)
-            load_key_tiles(k_ref.at[keys], v_ref.at[keys], k_smem, v_smem, loaded.at[wg])
+            k_smem, v_smem, rows = load_key_tiles(
+                k_ref, v_ref, k_smem2, v_smem2, loaded.at[wg], batch=batch,
+                kv_head=jax.lax.div(head, group), j=j, block=block, wg=wg)
             dk, dv = accumulate_dk_dv(pipeline, d)
             plgpu.wait_smem_to_gmem(0)  # the last dQ reduce-add, before K's buffer is reused
             if split:  # and the other warpgroup's last dQ product, which read our K
                 plgpu.barrier_arrive(ds_ready)
                 plgpu.barrier_wait(ds_ready)
-            write_dk_dv(dk * scale, dv, k_smem, v_smem, dk_ref, dv_ref, (batch, keys[1], head))
+            write_dk_dv(dk * scale, dv, k_smem, v_smem, dk_ref, dv_ref, (batch, rows, head))
 
         def step(indices, q_smem, do_smem, lse_smem, delta_smem, q_consumed, do_consumed,
                  lse_consumed, delta_consumed, carry):
