@@ -104,9 +104,10 @@ class MosaicAttentionTiling:
     backward_registers: bool | None = None
     # fused: registers of the memory warpgroup, which only issues TMAs; the two compute
     # warpgroups share the rest, (512 - n) / 2 each rounded down to 8. None: 24 above
-    # head_dim 64, as FA3, which gives them 240 and removes the spills of the 232 that 40
-    # leaves (32k dense forward + backward 40.1 -> 35.8 ms at 128); 40 at 64, where 24
-    # spills in the memory warpgroup and measured slower (19.0 vs 19.7 ms)
+    # head_dim 64, as FA3, which gives them 240 instead of the 232 that 40 leaves (ptxas
+    # spills 352 -> 300 bytes per thread, 32k dense forward + backward 40.1 -> 35.8 ms at
+    # 128, session 10); 40 at 64, where 24 spills in the memory warpgroup and measured
+    # slower (19.0 vs 19.7 ms)
     backward_memory_registers: int | None = None
 
     def resolved(self, head_dim: int, interpret: bool) -> MosaicAttentionTiling:
