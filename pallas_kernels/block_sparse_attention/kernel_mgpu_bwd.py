@@ -45,8 +45,9 @@ def two_products(a1, b1, a2, b2, shape, on_first):
     def scope(acc1, acc2):
         plgpu.wgmma(acc1, a1, b1)
         plgpu.wgmma(acc2, a2, b2)
-        plgpu.wgmma_wait(1)  # the first group is done
-        out = on_first(acc1[...])
+        # wait for the first group only: `acc1[...]` would wait for every group in flight
+        # (wait_n=0), which ran on_first after the second product, not under it
+        out = on_first(plgpu.wgmma_accumulator_load(acc1, wait_n=1))
         plgpu.wgmma_wait(0)  # the second, and any wgmma on_first issued
         return out, acc2[...]
 
