@@ -363,3 +363,39 @@ def test_mosaic_kernels_lower_for_cuda_on_this_cpu(block, d, form):
     fused = form.startswith("fused")
     assert text.count("mosaic_gpu") >= (2 if fused else 3)
     assert ("block_sparse_attention_fused_bwd" in text) == fused
+
+
+def _equation_lists(jaxpr, inside=False):
+    """Every equation list of the fused backward kernel's body, nested ones included."""
+    for eqn in jaxpr.eqns:
+        kernel = inside or eqn.params.get("name") == "block_sparse_attention_fused_bwd"
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    if kernel:
+                        yield inner.eqns
+                    yield from _equation_lists(inner, kernel)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_fused_backward_computes_p_while_the_dp_product_runs(d):
+    """S^T is read with only its own product waited for (wait_n=1), and P's exp2 comes before
+    the wait for dP^T's product. `acc[...]` waits for every product in flight: with it, P
+    was computed after dP^T's product had finished, 1-1.5% of forward + backward on the
+    H200 (docs/BENCHMARKS.md, "Seventh run")."""
+    q = jax.ShapeDtypeStruct((1, 512, 2, d), jnp.bfloat16)
+    fn = lambda q, k, v: block_sparse_attention(  # noqa: E731
+        q, k, v, np.tril(np.ones((4, 4), bool)), block=128, implementation="mosaic")
+    closed = jax.make_jaxpr(lambda q, do: jax.vjp(fn, q, q, q)[1](do))(q, q)
+    overlapped = 0
+    for eqns in _equation_lists(closed.jaxpr):
+        names = [(e.primitive.name, e.params.get("wait_n", e.params.get("n"))) for e in eqns]
+        for i, (name, wait) in enumerate(names):
+            if name == "wgmma_accumulator_deref_p" and wait == 1:
+                rest = names[i + 1:]
+                first_exp2 = next(k for k, (n, _) in enumerate(rest) if n == "exp2")
+                full_wait = next(k for k, (n, w) in enumerate(rest) if w == 0)
+                assert first_exp2 < full_wait, names[i:]
+                overlapped += 1
+    assert overlapped == 1  # two_products, once per step
