@@ -84,7 +84,10 @@ def test_gpu_mosaic_fused_backward_matches_the_reference(block, d, hkv, steps, k
 FORWARD_FORMS = {"pingpong": dict(forward_registers=False, forward_pingpong=True),
                  "registers": dict(forward_registers=True, forward_pingpong=False),
                  "registers_pingpong": dict(forward_registers=True, forward_pingpong=True),
-                 "all_registers": dict(forward_registers=True, backward_registers=True)}
+                 "all_registers": dict(forward_registers=True, backward_registers=True),
+                 # the defaults without Pallas's barriers around every shared-memory store
+                 # (forward and fused backward): a missing barrier shows only on hardware
+                 "no_auto_barriers": dict(auto_barriers=False)}
 
 
 # compiles the default forward and backward once in a fresh process (no compilation cache),
@@ -234,6 +237,7 @@ BACKWARD_FORMS = {
     "overlap": dict(fused_backward=False, backward_in_place=True, backward_overlap=True),
     "fused_own_keys": dict(fused_backward=True, fused_split_dq=False),
     "fused_split_dq": dict(fused_backward=True, fused_split_dq=True),  # the default
+    "fused_no_auto_barriers": dict(fused_backward=True, auto_barriers=False),
 }
 
 
@@ -399,3 +403,53 @@ def test_fused_backward_computes_p_while_the_dp_product_runs(d):
                 assert first_exp2 < full_wait, names[i:]
                 overlapped += 1
     assert overlapped == 1  # two_products, once per step
+
+
+def _mosaic_modules(fn, *avals) -> list[str]:
+    """The Mosaic GPU kernels of fn lowered for CUDA on this CPU, as module texts (each
+    kernel's module is serialized MLIR bytecode inside its custom call)."""
+    from jax._src.interpreters import mlir
+    from jax._src.lib.mlir import ir
+    from jax.experimental.mosaic.gpu import dialect as mosaic_gpu_dialect
+
+    lowered = jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",))
+    calls = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    if inner.operation.name == "stablehlo.custom_call":
+                        calls.append(inner.operation)
+                    walk(inner.operation)
+
+    walk(lowered.compiler_ir("stablehlo").operation)
+    texts = []
+    for call in calls:
+        if "mhlo.backend_config" in call.attributes:
+            config = ir.DictAttr(call.attributes["mhlo.backend_config"])
+            with mlir.make_ir_context() as context:
+                context.allow_unregistered_dialects = True
+                mosaic_gpu_dialect.register_dialect(context)
+                texts.append(str(ir.Module.parse(ir.StringAttr(config["module"]).value_bytes)))
+    return texts
+
+
+def test_no_auto_barriers_removes_warpgroup_barriers_from_both_kernels():
+    """auto_barriers=False reaches the compiler: the forward and fused backward lowered for
+    CUDA hold fewer warpgroup barriers (bar.sync) than with Pallas's automatic ones, and
+    keep the ones the kernels ask for (commit_smem, TMA store waits)."""
+    q = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+    mask = np.tril(np.ones((4, 4), bool))
+
+    def barriers(auto: bool) -> list[int]:
+        tiling = kernel_mgpu.MosaicAttentionTiling(auto_barriers=auto)
+        fn = lambda q, k, v: block_sparse_attention(  # noqa: E731
+            q, k, v, mask, block=128, implementation="mosaic", mosaic=tiling)
+        texts = _mosaic_modules(lambda q, do: jax.vjp(fn, q, q, q)[1](do), q, q)
+        assert len(texts) == 2  # forward, fused backward
+        assert sum("block_sparse_attention_fused_bwd" in text for text in texts) == 1
+        return [text.count("bar.sync") for text in texts]
+
+    with_auto, without = barriers(True), barriers(False)
+    assert all(0 < n < m for n, m in zip(without, with_auto)), (without, with_auto)

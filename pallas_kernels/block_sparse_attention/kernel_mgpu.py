@@ -109,6 +109,15 @@ class MosaicAttentionTiling:
     # 128, session 10); 40 at 64, where 24 spills in the memory warpgroup and measured
     # slower (19.0 vs 19.7 ms)
     backward_memory_registers: int | None = None
+    # forward and fused backward: False compiles them with Pallas's unsafe_no_auto_barriers,
+    # so no warpgroup barrier is added before and after every shared-memory store (the
+    # fused backward's module at head_dim 128 goes from 31 bar.sync to 9). Safe for these
+    # two kernels by Pallas's two conditions: no thread both reads and writes one region
+    # (threads only write P^T, dS^T, dQ, O, dK, dV staging and only read lse and delta),
+    # and no thread reads committed memory and then copies over it. Each later reuse of a
+    # staging tile is already behind a warpgroup barrier (TMA store waits, commit_smem) or a
+    # per-thread mbarrier arrival. Not yet measured on the GPU, so off by default
+    auto_barriers: bool = True
 
     def resolved(self, head_dim: int, interpret: bool) -> MosaicAttentionTiling:
         """This tiling with each None replaced by its measured choice for head_dim (the
@@ -195,9 +204,15 @@ def stage(smem, value) -> None:
     plgpu.commit_smem()
 
 
-def launch(body, out_shape, scratch, *, grid, compute_wgs: int, interpret: bool):
-    params = plgpu.CompilerParams(approx_math=True,
-                                  lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+def compiler_params(auto_barriers: bool = True) -> plgpu.CompilerParams:
+    """Warpgroup semantics, fast approximate exp2; see MosaicAttentionTiling.auto_barriers."""
+    return plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not auto_barriers,
+                                lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+
+def launch(body, out_shape, scratch, *, grid, compute_wgs: int, interpret: bool,
+           auto_barriers: bool = True):
+    params = compiler_params(auto_barriers)
     return plgpu.kernel(body, out_type=out_shape, scratch_types=scratch, grid=grid,
                         grid_names=("heads", "seq", "batch"), num_threads=compute_wgs + 1,
                         thread_name="wg", compiler_params=params,
@@ -305,5 +320,5 @@ def forward(q, k, v, layout, *, block: int, scale: float, interpret: bool = Fals
     out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, t), jnp.float32))
     return launch(body, out_shape, scratch, grid=(h, t // block, b), compute_wgs=wgs,
-                  interpret=interpret)(layout.q_table, layout.q_count, layout.diagonal,
-                                       q, k, v)
+                  interpret=interpret, auto_barriers=tiling.auto_barriers)(
+        layout.q_table, layout.q_count, layout.diagonal, q, k, v)

@@ -38,6 +38,7 @@ from pallas_kernels.block_sparse_attention.kernel_mgpu import (
     ROWS,
     MosaicAttentionTiling,
     causal_mask,
+    compiler_params,
     listed_block,
     matmul,
     program_tiles,
@@ -49,13 +50,13 @@ from pallas_kernels.block_sparse_attention.kernel_mgpu_bwd import (accumulate_dk
                                                                   two_products, write_dk_dv)
 
 
-def _launch(body, out_shape, scratch, *, grid, compute_wgs: int, interpret: bool):
+def _launch(body, out_shape, scratch, *, grid, compute_wgs: int, interpret: bool,
+            auto_barriers: bool):
     """kernel_mgpu.launch through pl.kernel: plgpu.kernel's custom_vmap wrapper takes no
     refs, and dQ is a ref the kernel adds into."""
     mesh = plgpu.Mesh(grid=grid, grid_names=("heads", "seq", "batch"),
                       num_threads=compute_wgs + 1, thread_name="wg")
-    params = plgpu.CompilerParams(approx_math=True,
-                                  lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+    params = compiler_params(auto_barriers)
     if interpret:
         from pallas_kernels.interpret_reduce import install_reduce_add
         install_reduce_add()
@@ -192,6 +193,7 @@ def fused_backward(q, k, v, do, lse, delta, layout, *, block: int, scale: float,
     dq = jax.new_ref(jnp.zeros((b, t, h, d), jnp.float32))  # programs add into it
     per_head = jax.ShapeDtypeStruct(q.shape, q.dtype)  # every row written by its program
     dk, dv = _launch(body, (per_head, per_head), scratch, grid=(h, t // block, b),
-                     compute_wgs=wgs, interpret=interpret)(
+                     compute_wgs=wgs, interpret=interpret,
+                     auto_barriers=tiling.auto_barriers)(
         layout.k_table, layout.k_count, layout.diagonal, q, k, v, do, lse, delta, dq)
     return (jax.freeze(dq) * scale).astype(q.dtype), dk, dv
