@@ -66,3 +66,33 @@ def assert_matches_reference(ours, refs, tolerance: float) -> None:
     for name, a, r in zip(("o", "dq", "dk", "dv"), ours, refs):
         assert not np.any(np.isnan(np.asarray(a, np.float32))), name
         assert relative_error(a, r) < tolerance, name
+
+
+def mosaic_modules(fn, *avals) -> list[str]:
+    """The Mosaic GPU kernels of fn lowered for CUDA on this CPU, as module texts (each
+    kernel's module is serialized MLIR bytecode inside its custom call)."""
+    from jax._src.interpreters import mlir
+    from jax._src.lib.mlir import ir
+    from jax.experimental.mosaic.gpu import dialect as mosaic_gpu_dialect
+
+    lowered = jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",))
+    calls = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    if inner.operation.name == "stablehlo.custom_call":
+                        calls.append(inner.operation)
+                    walk(inner.operation)
+
+    walk(lowered.compiler_ir("stablehlo").operation)
+    texts = []
+    for call in calls:
+        if "mhlo.backend_config" in call.attributes:
+            config = ir.DictAttr(call.attributes["mhlo.backend_config"])
+            with mlir.make_ir_context() as context:
+                context.allow_unregistered_dialects = True
+                mosaic_gpu_dialect.register_dialect(context)
+                texts.append(str(ir.Module.parse(ir.StringAttr(config["module"]).value_bytes)))
+    return texts

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from attention_testing import (assert_matches_reference, empty_rows, kernel_grads,
-                               random_inputs, random_mask, reference_grads, relative_error)
+                               mosaic_modules, random_inputs, random_mask, reference_grads,
+                               relative_error)
 from pallas_kernels.block_sparse_attention import (BlockSparseAttentionError,
                                                    block_sparse_attention, reference)
 from pallas_kernels.block_sparse_attention import kernel_mgpu
@@ -405,36 +406,6 @@ def test_fused_backward_computes_p_while_the_dp_product_runs(d):
     assert overlapped == 1  # two_products, once per step
 
 
-def _mosaic_modules(fn, *avals) -> list[str]:
-    """The Mosaic GPU kernels of fn lowered for CUDA on this CPU, as module texts (each
-    kernel's module is serialized MLIR bytecode inside its custom call)."""
-    from jax._src.interpreters import mlir
-    from jax._src.lib.mlir import ir
-    from jax.experimental.mosaic.gpu import dialect as mosaic_gpu_dialect
-
-    lowered = jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",))
-    calls = []
-
-    def walk(op):
-        for region in op.regions:
-            for block in region.blocks:
-                for inner in block.operations:
-                    if inner.operation.name == "stablehlo.custom_call":
-                        calls.append(inner.operation)
-                    walk(inner.operation)
-
-    walk(lowered.compiler_ir("stablehlo").operation)
-    texts = []
-    for call in calls:
-        if "mhlo.backend_config" in call.attributes:
-            config = ir.DictAttr(call.attributes["mhlo.backend_config"])
-            with mlir.make_ir_context() as context:
-                context.allow_unregistered_dialects = True
-                mosaic_gpu_dialect.register_dialect(context)
-                texts.append(str(ir.Module.parse(ir.StringAttr(config["module"]).value_bytes)))
-    return texts
-
-
 def test_no_auto_barriers_removes_warpgroup_barriers_from_both_kernels():
     """auto_barriers=False reaches the compiler: the forward and fused backward lowered for
     CUDA hold fewer warpgroup barriers (bar.sync) than with Pallas's automatic ones, and
@@ -446,7 +417,7 @@ def test_no_auto_barriers_removes_warpgroup_barriers_from_both_kernels():
         tiling = kernel_mgpu.MosaicAttentionTiling(auto_barriers=auto)
         fn = lambda q, k, v: block_sparse_attention(  # noqa: E731
             q, k, v, mask, block=128, implementation="mosaic", mosaic=tiling)
-        texts = _mosaic_modules(lambda q, do: jax.vjp(fn, q, q, q)[1](do), q, q)
+        texts = mosaic_modules(lambda q, do: jax.vjp(fn, q, q, q)[1](do), q, q)
         assert len(texts) == 2  # forward, fused backward
         assert sum("block_sparse_attention_fused_bwd" in text for text in texts) == 1
         return [text.count("bar.sync") for text in texts]
