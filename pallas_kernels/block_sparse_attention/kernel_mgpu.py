@@ -98,9 +98,10 @@ class MosaicAttentionTiling:
     fused_split_dq: bool = True
     # fused: P^T and dS^T as the register operands of the dV and dK products (FA3; dS^T is
     # still staged for dQ's). GPU only, like forward_registers. None: on the GPU at head_dim
-    # 64 (32k dense backward 14.4 -> 13.4 ms), off at 128, where ptxas spills ~300 bytes
-    # per thread with register operands (both, or dS^T alone) even at 240 registers
-    # (forward + backward 38.3 ms at best against 35.8)
+    # 64 (32k dense backward 14.4 -> 13.4 ms), off at 128, where ptxas spills more with
+    # them at 240 registers and they are no faster (session 11, with the diagonal-only
+    # causal mask: 288 against 228 bytes, forward + backward 32.0 against 32.2 ms;
+    # session 10, before it: 38.3 ms at best against 35.8)
     backward_registers: bool | None = None
     # fused: registers of the memory warpgroup, which only issues TMAs; the two compute
     # warpgroups share the rest, (512 - n) / 2 each rounded down to 8. None: 24 above

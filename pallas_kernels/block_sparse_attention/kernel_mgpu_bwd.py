@@ -133,7 +133,7 @@ def _dq(q, k, v, do, lse, delta, layout, *, block, scale, interpret,
 
             if overlap:  # P is computed while dO V^T runs
                 p, dp = two_products(q_smem, k_smem.transpose((1, 0)), do_smem,
-                                      v_smem.transpose((1, 0)), (ROWS, block), probabilities)
+                                     v_smem.transpose((1, 0)), (ROWS, block), probabilities)
             else:
                 p = probabilities(matmul(q_smem, k_smem.transpose((1, 0)), (ROWS, block)))
                 dp = matmul(do_smem, v_smem.transpose((1, 0)), (ROWS, block))
@@ -213,7 +213,7 @@ def _dkdv(q, k, v, do, lse, delta, layout, *, block, scale, interpret,
             if overlap:  # P while V dO^T runs; then dV += P^T dO while dS is computed
                 # (a wgmma into the carried dV inside two_products' scope does not lower)
                 p, dp = two_products(k_smem, q_smem.transpose((1, 0)), v_smem,
-                                      do_smem.transpose((1, 0)), (ROWS, block), probabilities)
+                                     do_smem.transpose((1, 0)), (ROWS, block), probabilities)
                 plgpu.wgmma(dv, p_smem, do_smem)
                 ds = p * (dp - delta_smem[...][None, :])
                 plgpu.barrier_arrive(delta_consumed)

@@ -127,7 +127,7 @@ def fused_backward(q, k, v, do, lse, delta, layout, *, block: int, scale: float,
                 return p
 
             p, dp = two_products(k_smem, q_smem.transpose((1, 0)), v_smem,
-                                  do_smem.transpose((1, 0)), (ROWS, ROWS), probabilities)
+                                 do_smem.transpose((1, 0)), (ROWS, ROWS), probabilities)
             # dV += P^T dO: P^T from registers (FA3) or from its staging tile
             plgpu.wgmma(dv, p.astype(q.dtype) if registers else p_smem, do_smem)
             ds = p * (dp - delta_smem[...][None, :])
