@@ -86,9 +86,9 @@ FORWARD_FORMS = {"pingpong": dict(forward_registers=False, forward_pingpong=True
                  "registers": dict(forward_registers=True, forward_pingpong=False),
                  "registers_pingpong": dict(forward_registers=True, forward_pingpong=True),
                  "all_registers": dict(forward_registers=True, backward_registers=True),
-                 # the defaults without Pallas's barriers around every shared-memory store
-                 # (forward and fused backward): a missing barrier shows only on hardware
-                 "no_auto_barriers": dict(auto_barriers=False)}
+                 # the defaults with Pallas's barriers around every shared-memory store
+                 # (forward and fused backward), as before session 12
+                 "auto_barriers": dict(auto_barriers=True)}
 
 
 # compiles the default forward and backward once in a fresh process (no compilation cache),
@@ -238,7 +238,6 @@ BACKWARD_FORMS = {
     "overlap": dict(fused_backward=False, backward_in_place=True, backward_overlap=True),
     "fused_own_keys": dict(fused_backward=True, fused_split_dq=False),
     "fused_split_dq": dict(fused_backward=True, fused_split_dq=True),  # the default
-    "fused_no_auto_barriers": dict(fused_backward=True, auto_barriers=False),
 }
 
 
@@ -407,20 +406,25 @@ def test_fused_backward_computes_p_while_the_dp_product_runs(d):
 
 
 def test_no_auto_barriers_removes_warpgroup_barriers_from_both_kernels():
-    """auto_barriers=False reaches the compiler: the forward and fused backward lowered for
-    CUDA hold fewer warpgroup barriers (bar.sync) than with Pallas's automatic ones, and
-    keep the ones the kernels ask for (commit_smem, TMA store waits)."""
+    """auto_barriers=False (the default) reaches the compiler: the forward and fused
+    backward lowered for CUDA hold fewer warpgroup barriers (bar.sync) than with Pallas's
+    automatic ones, and keep the ones the kernels ask for (commit_smem, TMA store waits).
+    The two-kernel backward, not checked against Pallas's conditions, keeps all of its."""
     q = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
     mask = np.tril(np.ones((4, 4), bool))
 
-    def barriers(auto: bool) -> list[int]:
-        tiling = kernel_mgpu.MosaicAttentionTiling(auto_barriers=auto)
+    def barriers(**fields) -> list[int]:
+        tiling = kernel_mgpu.MosaicAttentionTiling(**fields)
         fn = lambda q, k, v: block_sparse_attention(  # noqa: E731
             q, k, v, mask, block=128, implementation="mosaic", mosaic=tiling)
         texts = mosaic_modules(lambda q, do: jax.vjp(fn, q, q, q)[1](do), q, q)
-        assert len(texts) == 2  # forward, fused backward
-        assert sum("block_sparse_attention_fused_bwd" in text for text in texts) == 1
+        fused = sum("block_sparse_attention_fused_bwd" in text for text in texts)
+        assert (len(texts), fused) == ((2, 1) if tiling.fused_backward else (3, 0))
         return [text.count("bar.sync") for text in texts]
 
-    with_auto, without = barriers(True), barriers(False)
+    with_auto, without = barriers(auto_barriers=True), barriers(auto_barriers=False)
     assert all(0 < n < m for n, m in zip(without, with_auto)), (without, with_auto)
+    assert barriers() == without
+    two_kernels = barriers(fused_backward=False, auto_barriers=False)
+    assert two_kernels[1:] == barriers(fused_backward=False, auto_barriers=True)[1:]
+    assert two_kernels[0] == without[0]  # the forward still drops them

@@ -80,8 +80,9 @@ TILINGS = {
     # 24 (240), whatever the head_dim
     "mosaic_memory40": MosaicAttentionTiling(backward_memory_registers=40),
     "mosaic_memory24": MosaicAttentionTiling(backward_memory_registers=24),
-    # the forward and fused backward without Pallas's automatic barriers around stores
-    "mosaic_no_auto_barriers": MosaicAttentionTiling(auto_barriers=False),
+    # the forward and fused backward with Pallas's automatic barriers around every
+    # shared-memory store, the default before session 12
+    "mosaic_auto_barriers": MosaicAttentionTiling(auto_barriers=True),
 }
 RUNS_AS = {"pallas": PALLAS,
            "mosaic": MOSAIC,
