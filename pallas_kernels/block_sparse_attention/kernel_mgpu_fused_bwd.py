@@ -22,8 +22,8 @@ backward_memory_registers), and the ring of Q, dO slots plus the fp32 dQ staging
 within shared memory. Each step's reduce-add runs while the next step computes; its
 staging tile is only rewritten once that copy has read it.
 
-The interpreter (tests) has no TMA reduce-add in jax 0.11.2: pallas_kernels/interpret_reduce.py
-adds it when this kernel is built for interpretation.
+The interpreter (tests) has no TMA reductions in jax 0.11.2: pallas_kernels/interpret_reduce.py
+adds them when this kernel is built for interpretation.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def _launch(body, out_shape, scratch, *, grid, compute_wgs: int, interpret: bool
                       num_threads=compute_wgs + 1, thread_name="wg")
     params = compiler_params(auto_barriers)
     if interpret:
-        from pallas_kernels.interpret_reduce import install_reduce_add
-        install_reduce_add()
+        from pallas_kernels.interpret_reduce import install_tma_reductions
+        install_tma_reductions()
 
     def kernel_body(*refs):
         pl.run_scoped(lambda *scratch_refs: body(*refs, *scratch_refs), *scratch,
