@@ -25,28 +25,36 @@ def random_inputs(b, t, h, hkv, d, dtype, seed):
     return q, k, v, do
 
 
+def forward_and_backward(attention):
+    """(q, k, v, do) -> (O, dQ, dK, dV) of attention(q, k, v), through jax.vjp."""
+    def run(q, k, v, do):
+        o, vjp = jax.vjp(attention, q, k, v)
+        return (o, *vjp(do))
+
+    return run
+
+
 def reference_grads(q, k, v, mask, do, block, causal):
     """jax.vjp of the plain reference, in float32."""
     @jax.jit
     def run(q, k, v, mask, do):
-        f = lambda q, k, v: reference.attention(q, k, v, mask, block=block, causal=causal)  # noqa
-        o, vjp = jax.vjp(f, q, k, v)
-        return (o, *vjp(do))
+        return forward_and_backward(lambda q, k, v: reference.attention(
+            q, k, v, mask, block=block, causal=causal))(q, k, v, do)
 
     up = lambda a: a.astype(jnp.float32)  # noqa: E731
     return run(up(q), up(k), up(v), mask, up(do))
 
 
 def kernel_grads(q, k, v, mask_or_layout, do, block, causal, implementation, mosaic=None):
-    @jax.jit
-    def run(q, k, v, do):
-        def f(q, k, v):
-            return block_sparse_attention(q, k, v, mask_or_layout, block=block, causal=causal,
-                                          implementation=implementation, mosaic=mosaic)
-        o, vjp = jax.vjp(f, q, k, v)
-        return (o, *vjp(do))
+    return jax.jit(forward_and_backward(lambda q, k, v: block_sparse_attention(
+        q, k, v, mask_or_layout, block=block, causal=causal, implementation=implementation,
+        mosaic=mosaic)))(q, k, v, do)
 
-    return run(q, k, v, do)
+
+def dense_causal_grads(q, k, v, do, implementation="cudnn"):
+    """Dense causal attention of jax.nn.dot_product_attention (cuDNN, or "xla")."""
+    return jax.jit(forward_and_backward(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation=implementation)))(q, k, v, do)
 
 
 def relative_error(a, b):

@@ -9,7 +9,6 @@ them on the H200, including the forms the interpreter cannot run.
 """
 
 import dataclasses
-import functools
 import os
 import re
 import subprocess
@@ -21,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_testing import (assert_matches_reference, empty_rows, kernel_grads,
-                               mosaic_modules, random_inputs, random_mask, reference_grads,
-                               relative_error)
+from attention_testing import (assert_matches_reference, empty_rows, forward_and_backward,
+                               kernel_grads, mosaic_modules, random_inputs, random_mask,
+                               reference_grads, relative_error)
 from pallas_kernels.block_sparse_attention import (BlockSparseAttentionError,
                                                    block_sparse_attention, reference)
 from pallas_kernels.block_sparse_attention import kernel_mgpu
@@ -263,14 +262,7 @@ def test_mosaic_kernels_in_interpret_mode_match_the_reference(case, form):
                                                fused_steps=ring,
                                                largest_first=form != "fresh_acc")
 
-    @jax.jit
-    def run(q, k, v, do):
-        o, vjp = jax.vjp(lambda q, k, v: block_sparse_attention(
-            q, k, v, mask, block=block, causal=causal, implementation="mosaic_interpret",
-            mosaic=tiling), q, k, v)
-        return (o, *vjp(do))
-
-    ours = run(q, k, v, do)
+    ours = kernel_grads(q, k, v, mask, do, block, causal, "mosaic_interpret", mosaic=tiling)
     refs = reference_grads(q, k, v, mask, do, block, causal)
     for name, a, r in zip(("o", "dq", "dk", "dv"), ours, refs):
         assert a.dtype == jnp.bfloat16 and a.shape == r.shape, name
@@ -311,13 +303,8 @@ def test_mosaic_register_forms_lower_for_cuda_and_refuse_the_interpreter(block, 
     mask = np.tril(np.ones((t // block, t // block), bool))
     for form in ("registers", "registers_pingpong", "all_registers"):
         tiling = kernel_mgpu.MosaicAttentionTiling(**FORWARD_FORMS[form])
-        fn = functools.partial(block_sparse_attention, block=block, implementation="mosaic",
-                               mosaic=tiling)
-
-        def fb(q, k, v, do):
-            o, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
-            return (o, *vjp(do))
-
+        fb = forward_and_backward(lambda q, k, v: block_sparse_attention(
+            q, k, v, mask, block=block, implementation="mosaic", mosaic=tiling))
         text = jax.jit(fb).trace(q, kv, kv, q).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text and "block_sparse_attention_fused_bwd" in text
     zeros = [jnp.zeros(x.shape, x.dtype) for x in (q, kv, kv)]
@@ -340,10 +327,7 @@ def test_one_implementation_per_pass_matches_the_reference():
     q, k, v, do = random_inputs(b, t, h, hkv, d, jnp.bfloat16, seed=51)
     mask = np.array([[1, 0, 0], [0, 0, 0], [1, 1, 1]], bool)  # block row 1 empty
     ours = kernel_grads(q, k, v, mask, do, block, True, implementation)
-    for name, a, r in zip(("o", "dq", "dk", "dv"), ours,
-                          reference_grads(q, k, v, mask, do, block, True)):
-        assert not np.any(np.isnan(np.asarray(a, np.float32))), name
-        assert relative_error(a, r) < 1e-2, name
+    assert_matches_reference(ours, reference_grads(q, k, v, mask, do, block, True), 1e-2)
 
 
 @pytest.mark.parametrize("form", BACKWARD_FORMS)
@@ -356,12 +340,9 @@ def test_mosaic_kernels_lower_for_cuda_on_this_cpu(block, d, form):
     kv = jax.ShapeDtypeStruct((b, t, hkv, d), jnp.bfloat16)
     mask = np.asarray(jax.random.uniform(jax.random.key(0), (h, t // block, t // block)) < 0.5)
 
-    def fb(q, k, v, do):
-        o, vjp = jax.vjp(lambda q, k, v: block_sparse_attention(
-            q, k, v, mask, block=block, implementation="mosaic",
-            mosaic=kernel_mgpu.MosaicAttentionTiling(2, 2, 2, **BACKWARD_FORMS[form])), q, k, v)
-        return (o, *vjp(do))
-
+    fb = forward_and_backward(lambda q, k, v: block_sparse_attention(
+        q, k, v, mask, block=block, implementation="mosaic",
+        mosaic=kernel_mgpu.MosaicAttentionTiling(2, 2, 2, **BACKWARD_FORMS[form])))
     text = jax.jit(fb).trace(q, kv, kv, q).lower(lowering_platforms=("cuda",)).as_text()
     # forward, dQ, dK/dV kernels; forward and the fused backward
     fused = form.startswith("fused")
