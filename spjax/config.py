@@ -10,6 +10,7 @@ keys, ill-typed values and out-of-range values raise `ConfigError` naming the do
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from spjax.errors import ConfigError
+from spjax.errors import ConfigError, not_a_directory
 from spjax.lowrank.config import LowRankConfig
 from spjax.model import attention_patterns
 from spjax.rules import Rules
@@ -156,6 +157,10 @@ class Config:
         if self.parallel.expert > 1 and not experts:
             raise ConfigError("parallel.expert > 1 needs a mixture-of-experts model "
                               "(model.moe.num_experts > 0)")
+        problem = not_a_directory(self.run_dir)
+        if problem:
+            raise ConfigError(f"run_dir '{self.run_dir}' cannot be a directory ({problem}); "
+                              f"set run_dir to a new or existing directory")
         self._validate_attention_patterns()
         self._validate_block_kernel()
         self._validate_gate_training()
@@ -238,11 +243,23 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. train.steps=100)")
-        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
+        _set_dotted(raw, key.strip(), _override_value(key.strip(), text))
         raw = _expand_presets(raw)
     config = from_dict(Config, raw)
     config.validate()
     return config
+
+
+def _override_value(key: str, text: str) -> Any:
+    """The YAML value of override `key=text` ('' when empty)."""
+    if not text.strip():
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"override '{key}': value {text!r} is not valid YAML ({problem}); "
+                          f"close its brackets, or quote a string ({key}='\"...\"')") from None
 
 
 def to_dict(config: Any) -> Any:
@@ -312,17 +329,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -2**63 <= value < 2**63:  # sizes, steps and seeds: JAX takes 64 bits
+                raise ConfigError(f"config key '{key}' must fit in 64 bits, got {value}")
             return value
         raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+        number = None
+        # a str too: YAML 1.1 reads '1e-3' as a string
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int beyond any float
+                number = math.inf
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -338,9 +363,12 @@ def _freeze(value: Any) -> Any:
 
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"{what} '{path}' does not exist")
+        raise ConfigError(f"{what} '{path}' " + ("is a directory; give a YAML file" if
+                                                 path.is_dir() else "does not exist"))
     try:
         data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{what} '{path}' cannot be read ({e.strerror})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         at = f" at line {line + 1}" if line is not None else ""

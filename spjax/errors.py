@@ -5,6 +5,8 @@ Anything a user can get wrong (config, data, checkpoint, CLI) raises a subclass 
 prints that line and exits with status 2; it never shows a traceback for these.
 """
 
+from pathlib import Path
+
 
 class SpjaxError(Exception):
     """Base class for errors caused by user input."""
@@ -28,6 +30,18 @@ class SweepError(SpjaxError):
 
 class FitError(SpjaxError):
     """A runs table cannot be fitted: missing columns, bad values or too few points."""
+
+
+def not_a_directory(path: str | Path) -> str | None:
+    """Why `path` cannot be (or be created as) a directory: it, or the nearest of its parents
+    that exists, is a file. None when it can."""
+    path = Path(path).expanduser().absolute()
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if parent.is_dir():
+                return None
+            return f"{parent} is a file"
+    return None
 
 
 def require_gpu(what: str, fix: str) -> None:

@@ -172,6 +172,9 @@ class ModelConfig:
                 raise ConfigError(f"model.{key} must be > 0, got {getattr(self, key)}")
         if self.vocab_size < 0:
             raise ConfigError(f"model.vocab_size must be >= 0 (0 = from data), got {self.vocab_size}")
+        for key in ("rope_theta", "norm_eps"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key} must be > 0, got {getattr(self, key)}")
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")

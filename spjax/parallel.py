@@ -50,7 +50,16 @@ def make_mesh(config: ParallelConfig, devices: Sequence[jax.Device] | None = Non
 
 
 def sharding_rules(config: ParallelConfig) -> Rules:
-    return Rules.from_pairs(config.rules, source="parallel.rules")
+    """The rules of parallel.rules; each maps to null, a mesh axis or a list of mesh axes."""
+    rules = Rules.from_pairs(config.rules, source="parallel.rules")
+    for i, target in enumerate(rules.values):
+        names = (target,) if isinstance(target, str) else target
+        if target is not None and not (isinstance(names, (list, tuple)) and
+                                       all(name in MESH_AXES for name in names)):
+            raise ConfigError(f"parallel.rules[{i}]: {target!r} is not a mesh axis; map to "
+                              f"null (replicated), one of {', '.join(MESH_AXES)}, or a list "
+                              f"of them")
+    return rules
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], rules: Rules,

@@ -110,7 +110,7 @@ def train_batches(path: str | Path, seq_len: int, global_batch: int, seed: int,
     if usable < global_batch:
         raise DataError(
             f"{src.path}: train split has {len(src)} windows of {seq_len + 1} tokens, fewer than one batch of "
-            f"{global_batch}; add data or lower seq_len / global_batch")
+            f"{global_batch}; add data or lower data.seq_len or data.batch_size")
     ds = grain.MapDataset.source(src).shuffle(seed=_shuffle_seed(seed))
     # One slice does both jobs: drop the (shuffled, so different each epoch) remainder and
     # deal the rest round robin. Indices past the slice's length continue into later epochs.
@@ -216,7 +216,7 @@ def eval_batches(path: str | Path, seq_len: int, batch_size: int, num_batches: i
     if len(src) == 0:
         raise DataError(
             f"{src.path}: val split has {src.num_tokens} tokens, fewer than one window of {seq_len + 1}; "
-            f"prepare it with a larger --val-fraction or use a smaller seq_len")
+            f"prepare it with a larger --val-fraction or use a smaller data.seq_len")
     n = min(num_batches, -(-len(src) // batch_size))
     out = []
     for b in range(n):

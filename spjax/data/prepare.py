@@ -36,14 +36,14 @@ from tqdm import tqdm
 
 from spjax.data.sources import Document, InputFile, Skipped, iter_documents, resolve_inputs, stdlib_inputs
 from spjax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, train_bpe
-from spjax.errors import DataError
+from spjax.errors import DataError, not_a_directory
 
 FORMAT_VERSION = 1
 SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MiB per uint16 shard, big enough to keep file counts low
 SPLITS = ("train", "val")
 ENCODE_BATCH = 512  # documents per tokenizer call: HF tokenizers parallelize inside a batch, and
 # a few very long files stall a small batch (64 left 16 cores mostly idle on 566 MB of source)
-PREPARE_HINT = "run `spjax prepare-data INPUT... --out {path}`"
+PREPARE_HINT = "run `spjax prepare-data INPUT... --out {path}{overwrite}`"
 
 
 def _val_score(text: str, seed: int) -> float:
@@ -64,11 +64,17 @@ class _Plan:
     cut_single: bool  # exactly one document: its tail (at a line break) becomes val
 
 
+def _no_bar(progress: bool) -> bool | None:
+    """tqdm's `disable`: progress bars on a terminal only (None: off when stderr is not a
+    TTY), so a log or a captured stderr holds the messages and not bar frames."""
+    return None if progress else True
+
+
 def _plan(files: Sequence[InputFile], val_fraction: float, seed: int, progress: bool) -> _Plan:
     n = n_val = 0
     lowest = highest = (0.0, -1)
     skipped = Skipped()
-    for doc in tqdm(iter_documents(files, skipped), desc="scan", unit="doc", file=sys.stderr, disable=not progress):
+    for doc in tqdm(iter_documents(files, skipped), desc="scan", unit="doc", file=sys.stderr, disable=_no_bar(progress)):
         score = _val_score(doc.text, seed)
         n_val += score < val_fraction
         if n == 0 or score < lowest[0]:
@@ -165,7 +171,7 @@ def _tokenizer_arg(tokenizer: str, bpe_vocab_size: int) -> Tokenizer | None:
         return ByteTokenizer()
     if tokenizer == "bpe":
         if not 257 <= bpe_vocab_size <= 2**32 - 1:
-            raise DataError(f"bpe vocab size {bpe_vocab_size} is out of range; use at least 257 (256 bytes + EOS)")
+            raise DataError(f"bpe vocab size (--vocab-size) {bpe_vocab_size} is out of range; use a value in [257 (256 bytes + EOS), {2**32 - 1}]")
         return None
     if tokenizer.endswith(".json") or Path(tokenizer).exists():
         return HFTokenizer.from_file(tokenizer)
@@ -194,7 +200,7 @@ def _build(tmp: Path, files: Sequence[InputFile], inputs_desc: list[str], tokeni
     counts = np.zeros(tok.vocab_size, np.int64)
     eos = np.array([tok.eos_id], np.int32)
     docs = _split_documents(files, plan)
-    bar = tqdm(total=plan.documents + plan.cut_single, desc=f"tokenize ({tok.name})", unit="doc", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=plan.documents + plan.cut_single, desc=f"tokenize ({tok.name})", unit="doc", file=sys.stderr, disable=_no_bar(progress))
     for batch in _batched(docs, ENCODE_BATCH):
         train_ids = []
         for (split, _), ids in zip(batch, tok.encode_batch([d.text for _, d in batch])):
@@ -259,13 +265,23 @@ def _prepare(files: Sequence[InputFile], inputs_desc: list[str], out: str | Path
              shard_tokens: int) -> dict[str, Any]:
     if not 0.0 <= val_fraction <= 0.5:
         raise DataError(f"val_fraction={val_fraction} is out of range; use a value in [0, 0.5]")
+    if not -2**63 <= seed < 2**63:  # it keys a 64-bit hash
+        raise DataError(f"seed={seed} is out of range; use an integer that fits in 64 bits")
     out = Path(out).expanduser()
     if _nonempty(out) and not overwrite:
         raise DataError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside `out` (same filesystem, so the final rename is atomic) under a hidden name:
-    # an interrupted prepare leaves only `.NAME.tmp-*`, never something that looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    problem = not_a_directory(out.parent)
+    if problem:
+        raise DataError(f"{out}: cannot create it ({problem}); choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Built beside `out` (same filesystem, so the final rename is atomic) under a hidden
+        # name: an interrupted prepare leaves only `.NAME.tmp-*`, never something that looks
+        # complete.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise DataError(f"{out}: cannot create it ({e.strerror}); choose another --out or fix "
+                        f"the permissions of {out.parent}") from None
     try:
         meta = _build(tmp, files, inputs_desc, tokenizer, val_fraction, bpe_vocab_size, seed, progress, shard_tokens)
         _publish(tmp, out, overwrite)
@@ -288,7 +304,8 @@ def prepare_dataset(
     """Tokenizes `inputs` into a dataset directory `out` and returns its meta.json contents.
 
     tokenizer: "byte", "bpe" (byte-level BPE trained on the train documents, with
-    `bpe_vocab_size` tokens) or a path to a HF `tokenizer.json`.
+    `bpe_vocab_size` tokens) or a path to a HF `tokenizer.json`. progress: bars on stderr
+    when it is a terminal.
     """
     files = resolve_inputs(inputs)
     try:
@@ -333,12 +350,21 @@ def default_dataset(cache_dir: str | Path | None = None, progress: bool = True) 
     return out
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def load_meta(path: str | Path) -> dict[str, Any]:
     """Reads and validates `path/meta.json` and that every shard it lists is whole."""
     path = Path(path).expanduser()
-    hint = PREPARE_HINT.format(path=path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{path}: a file, not a prepared dataset; give the folder that "
+                        f"`spjax prepare-data --out` wrote")
     if not path.is_dir():
-        raise DataError(f"{path}: no prepared dataset here; {hint}")
+        raise DataError(f"{path}: no prepared dataset here; "
+                        f"{PREPARE_HINT.format(path=path, overwrite='')}")
+    # A damaged dataset is prepared again over itself
+    hint = PREPARE_HINT.format(path=path, overwrite=" --overwrite" if _nonempty(path) else "")
     mp = path / "meta.json"
     if not mp.is_file():
         raise DataError(f"{mp}: missing, so {path} is not a prepared dataset; {hint}")
@@ -353,6 +379,12 @@ def load_meta(path: str | Path) -> dict[str, Any]:
         shards = [(name, n) for s in SPLITS for name, n in zip(meta["splits"][s]["shards"], meta["splits"][s]["shard_tokens"], strict=True)]
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{mp}: malformed ({type(e).__name__}: {e}); {hint}") from None
+    vocab, eos = meta.get("vocab_size"), meta.get("eos_id")
+    if not (_count(vocab) and vocab > 0):
+        raise DataError(f"{mp}: 'vocab_size' is {vocab!r}, not a positive integer; {hint}")
+    if not (_count(eos) and eos < vocab):
+        raise DataError(f"{mp}: 'eos_id' is {eos!r}, not a token id below vocab_size {vocab}; "
+                        f"{hint}")
     for name, n in shards:
         shard = path / name
         if not shard.is_file():

@@ -92,7 +92,8 @@ class HFTokenizer:
 
         p = Path(path)
         if not p.is_file():
-            raise DataError(f"{p}: tokenizer file not found; pass a HF tokenizer.json, 'byte' or 'bpe'")
+            what = "a directory, not a tokenizer file" if p.is_dir() else "tokenizer file not found"
+            raise DataError(f"{p}: {what}; pass a HF tokenizer.json, 'byte' or 'bpe'")
         try:
             tok = _Tok.from_file(str(p))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON

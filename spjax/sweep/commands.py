@@ -120,12 +120,16 @@ def fit_runs(csv_path: str | Path, law: str = "chinchilla", exclude_top_loss: in
     """Fits the table, writes fit.json (and the plots beside it); returns what it wrote."""
     import numpy as np
 
-    from spjax.errors import FitError
+    from spjax.errors import FitError, not_a_directory
     from spjax.sweep import fit as fitlib
     from spjax.sweep import table as tablelib
 
     if resamples < 0 or starts < 0:
         raise FitError("--bootstrap and --starts must be >= 0")
+    out = Path(out) if out else Path(csv_path).with_name("fit.json")
+    problem = not_a_directory(out.parent)
+    if problem:  # before the fit, which can take minutes
+        raise FitError(f"--out {out}: cannot write it ({problem}); choose another --out")
     full = tablelib.read_table(csv_path)
     chosen = tablelib.where(full, where or [])
     kept, n, d, loss = tablelib.fit_arrays(chosen, law, exclude_top_loss)
@@ -133,7 +137,6 @@ def fit_runs(csv_path: str | Path, law: str = "chinchilla", exclude_top_loss: in
     result = fitlib.fit_law(n, d, loss, starts=starts)
     law_fit = result.law
     rel = (law_fit.loss(n, d) - loss) / loss
-    out = Path(out) if out else Path(csv_path).with_name("fit.json")
     report: dict[str, Any] = {
         "law": law,
         "formula": "L = E + A / N^alpha + B / D^beta",

@@ -132,9 +132,12 @@ def load_spec(path: str | Path, out: str | Path | None = None) -> SweepSpec:
     """Reads and checks a spec file; `out` replaces the spec's output folder."""
     path = Path(path)
     if not path.is_file():
-        raise SweepError(f"sweep spec '{path}' does not exist")
+        raise SweepError(f"sweep spec '{path}' " + ("is a directory; give a YAML file" if
+                                                    path.is_dir() else "does not exist"))
     try:
         raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise SweepError(f"sweep spec '{path}' cannot be read ({e.strerror})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         at = f" at line {line + 1}" if line is not None else ""

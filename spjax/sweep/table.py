@@ -36,7 +36,7 @@ class RunsTable:
         """A numeric column; a missing column or a bad cell is a FitError naming both."""
         if column not in self.columns:
             raise FitError(f"{self.path}: column '{column}' is missing{why}; columns are "
-                           f"{', '.join(self.columns)} (spjax sweep collect writes them all)")
+                           f"{self.column_list()} (spjax sweep collect writes them all)")
         values = []
         for i, row in enumerate(self.rows, start=2):  # line 1 is the header
             cell = (row.get(column) or "").strip()
@@ -52,6 +52,12 @@ class RunsTable:
             values.append(value)
         return np.array(values)
 
+    def column_list(self, limit: int = 200) -> str:
+        """The header, comma-separated, cut at `limit` characters (a file that is not CSV
+        has one long header cell)."""
+        text = ", ".join(self.columns)
+        return text if len(text) <= limit else f"{text[:limit]}... (is it a CSV file?)"
+
     def select(self, keep: np.ndarray) -> "RunsTable":
         return dataclasses.replace(self, rows=tuple(r for r, k in zip(self.rows, keep) if k))
 
@@ -59,8 +65,9 @@ class RunsTable:
 def read_table(path: str | Path) -> RunsTable:
     path = Path(path)
     if not path.is_file():
-        raise FitError(f"runs table '{path}' does not exist; write one with "
-                       f"`spjax sweep collect SPEC`")
+        raise FitError(f"runs table '{path}' " + ("is a directory" if path.is_dir() else
+                                                  "does not exist") +
+                       "; write one with `spjax sweep collect SPEC`")
     try:
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
@@ -84,7 +91,7 @@ def where(table: RunsTable, conditions: list[str]) -> RunsTable:
                            f"sparsity_method=none")
         if column not in table.columns:
             raise FitError(f"--where '{condition}': {table.path} has no column '{column}'; "
-                           f"columns are {', '.join(table.columns)}")
+                           f"columns are {table.column_list()}")
         keep = np.array([_same(cell, value) for cell in table.strings(column)], bool)
         table = table.select(keep)
     return table
