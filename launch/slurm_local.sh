@@ -38,9 +38,14 @@ if [ "$cmd" = stop ]; then
       for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     fi
   done
-  # munged is shared by the whole machine: stop it only if this DIR's `start` started it.
+  # munged is shared by the whole machine: stop it only if this DIR's `start` started it,
+  # and no other cluster (another DIR, started since and relying on it) still runs.
   if [ -s "$D/munged.started" ]; then
-    kill "$(cat "$D/munged.started")" 2>/dev/null || true
+    if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
+      echo "$0: leaving munged running: another SLURM on this machine uses it" >&2
+    else
+      kill "$(cat "$D/munged.started")" 2>/dev/null || true
+    fi
     rm -f "$D/munged.started"
   fi
   exit 0
@@ -84,7 +89,14 @@ MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0
+# Requeue (launch/spjax.sbatch requeues itself after saving on the time limit warning): a
+# requeued job may start again cred_expire + 1 s after the requeue (default 120 + 1; 5 is the
+# least allowed, and credentials are checked within milliseconds on loopback); the main
+# scheduler then tests pending jobs every sched_interval s (default 60). JobRequeue=1 (the
+# default) lets batch jobs be requeued; spjax.sbatch asks --requeue too, for clusters at 0.
+AuthInfo=cred_expire=5
+SchedulerParameters=batch_sched_delay=0,sched_interval=1
+JobRequeue=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides

@@ -12,7 +12,9 @@
 
 Saves are atomic: orbax writes into a temporary directory and renames it only once complete,
 so a save that fails or is killed (even by SIGKILL) never touches the last good checkpoint;
-leftover temporary directories are cleaned up on the next start.
+leftover temporary directories are cleaned up on the next start. Saves are asynchronous, so a
+save that fails (a full disk) is reported by the next `save` or by `wait`: a full disk as a
+one-line CheckpointError naming the directory, the fix and the step a rerun resumes from.
 """
 
 from __future__ import annotations
@@ -27,14 +29,27 @@ from typing import Any, Iterator
 import jax
 import orbax.checkpoint as ocp
 
-from spjax.errors import CheckpointError
+from spjax.errors import CheckpointError, is_disk_full
 from spjax.nested import nest_paths
 
 # 2: the data state is one JSON item for all processes (1 had one grain file per process)
 FORMAT_VERSION = 2
 
+
+class _DropDiskFullErrors(logging.Filter):
+    """Orbax logs a failed background write with its traceback in each thread it passes
+    through (four tracebacks for one full disk); the CheckpointError says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (is_disk_full(exc) or is_disk_full(Exception(record.getMessage())))
+
+
 # Orbax logs every save at INFO; the training loop reports saves itself.
 logging.getLogger("absl").setLevel(logging.WARNING)
+logging.getLogger("absl").addFilter(_DropDiskFullErrors())
 
 
 class Checkpointer:
@@ -49,19 +64,30 @@ class Checkpointer:
             self._manager = ocp.CheckpointManager(self.directory, options=options,
                                                   item_handlers=handlers)
         except Exception as e:  # unreadable directory, broken metadata, ...
+            if is_disk_full(e):
+                raise CheckpointError(f"cannot open checkpoint directory {self.directory}: "
+                                      f"no space left on its file system; free space there "
+                                      f"and run the same command again") from None
             raise CheckpointError(f"cannot open checkpoint directory {self.directory}: "
                                   f"{_first_line(e)}") from None
+        self._in_flight: int | None = None  # the step of a save that may still be writing
+        self._failed: CheckpointError | None = None
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: Any, meta: dict[str, Any]) -> None:
-        """Starts an asynchronous save of `step` (training continues while it is written)."""
+        """Starts an asynchronous save of `step` (training continues while it is written),
+        after the previous one has finished: a CheckpointError if that one failed."""
+        self.wait()
         meta = {"format_version": FORMAT_VERSION, **meta}
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_iterator.get_state()),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        _drop_event_loop_noise()  # a failed write leaves callbacks raising in other threads
+        self._in_flight = step
+        with self._save_failures(step):
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_iterator.get_state()),
+                meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any,
                 expected_meta: dict[str, Any], default_meta: dict[str, Any] | None = None
@@ -91,10 +117,49 @@ class Checkpointer:
         return restored["state"]
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Until the last save is written; a CheckpointError if it failed (again on every call
+        after that, without touching orbax)."""
+        if self._failed is not None:
+            raise self._failed
+        if self._in_flight is None:
+            return
+        with self._save_failures(self._in_flight):
+            self._manager.wait_until_finished()
+        self._in_flight = None
 
     def close(self) -> None:
+        self.wait()
         self._manager.close()
+
+    def complete_steps(self) -> list[int]:
+        """The steps whose checkpoint is complete on disk (orbax renames a checkpoint to its
+        step number only once it is; a failed save leaves a '<step>.orbax-checkpoint-tmp*'
+        directory, removed on the next start)."""
+        try:
+            return sorted(int(p.name) for p in self.directory.iterdir()
+                          if p.name.isdigit() and p.is_dir())
+        except OSError:
+            return []
+
+    @contextlib.contextmanager
+    def _save_failures(self, step: int) -> Iterator[None]:
+        """A full disk while writing `step`: one CheckpointError with the directory, the fix
+        and where a rerun resumes. Other failures propagate as they are."""
+        try:
+            yield
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            complete = [s for s in self.complete_steps() if s != step]
+            resume = (f"it resumes from step {complete[-1]}, the last complete checkpoint, "
+                      f"which is intact" if complete else
+                      "no checkpoint is complete yet, so it starts over")
+            self._failed = CheckpointError(
+                f"checkpoint of step {step} could not be written to {self.directory}: no "
+                f"space left on its file system (or the quota is exhausted); free space there "
+                f"(a save needs room for one checkpoint more than train.keep_checkpoints) and "
+                f"run the same command again: {resume}")
+            raise self._failed from None
 
 
 def restore_matching(source: str | Path, abstract: dict[str, Any]
@@ -200,6 +265,27 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _is_event_loop_noise(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+_noise_dropped = False
+
+
+def _drop_event_loop_noise() -> None:
+    """From now on, drops the 'Event loop is closed' errors of library threads (see
+    _quiet_failed_reads): a save that fails (a full disk) closes orbax's event loop while
+    other tensorstore writes are still in flight, at some point after `save` returned."""
+    global _noise_dropped
+    if _noise_dropped:
+        return
+    _noise_dropped = True
+    saved = sys.excepthook, sys.unraisablehook, threading.excepthook
+    sys.excepthook = lambda t, v, tb: None if _is_event_loop_noise(v) else saved[0](t, v, tb)
+    sys.unraisablehook = lambda u: None if _is_event_loop_noise(u.exc_value) else saved[1](u)
+    threading.excepthook = lambda a: None if _is_event_loop_noise(a.exc_value) else saved[2](a)
+
+
 @contextlib.contextmanager
 def _quiet_failed_reads() -> Iterator[None]:
     """Drops 'Event loop is closed' errors raised in library threads while restoring.
@@ -208,10 +294,7 @@ def _quiet_failed_reads() -> Iterator[None]:
     reads are still in flight; their completion callbacks then raise that error and print
     tracebacks around our one-line message. They carry no information. The filter stays
     installed after a failure, since those callbacks may still be arriving."""
-
-    def is_noise(exc: BaseException | None) -> bool:
-        return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
-
+    is_noise = _is_event_loop_noise
     saved = sys.excepthook, sys.unraisablehook, threading.excepthook
     sys.excepthook = lambda t, v, tb: None if is_noise(v) else saved[0](t, v, tb)
     sys.unraisablehook = lambda u: None if is_noise(u.exc_value) else saved[1](u)

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Sequence
 
-from spjax.errors import SpjaxError
+from spjax.errors import SpjaxError, is_disk_full, write_failure
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -92,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except SpjaxError as e:
         print(f"spjax: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk where no error of ours names it (config.yaml, shards)
+        if not is_disk_full(e):
+            raise
+        print(f"spjax: error: {write_failure(e.filename or 'a file', e)}, then run the same "
+              f"command again", file=sys.stderr)
         return 2
 
 
