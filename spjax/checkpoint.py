@@ -95,15 +95,7 @@ class Checkpointer:
         """Restores `step` into the sharded layout of `abstract_state`, and the data iterator.
         `default_meta`: the expected keys' default values (see _check_meta)."""
         where = self.directory / str(step)
-        try:
-            meta = self._manager.restore(step, args=ocp.args.Composite(
-                meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as e:
-            raise CheckpointError(f"checkpoint {where} is corrupt or unreadable "
-                                  f"({_first_line(e)}); delete it to fall back to an earlier "
-                                  f"one, or use a new run_dir") from None
-        _check_meta(meta, {"format_version": FORMAT_VERSION, **expected_meta}, where,
-                    default_meta)
+        self.check_meta(step, expected_meta, default_meta)
         try:
             with _quiet_failed_reads():
                 restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -115,6 +107,21 @@ class Checkpointer:
                                   f"one, or use a new run_dir") from None
         data_iterator.set_state(restored["data"])  # a CheckpointError names what differs
         return restored["state"]
+
+    def check_meta(self, step: int, expected_meta: dict[str, Any],
+                   default_meta: dict[str, Any] | None = None) -> None:
+        """A CheckpointError unless `step`'s meta item matches `expected_meta` (reads only
+        that small JSON item, not the state)."""
+        where = self.directory / str(step)
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {where} is corrupt or unreadable "
+                                  f"({_first_line(e)}); delete it to fall back to an earlier "
+                                  f"one, or use a new run_dir") from None
+        _check_meta(meta, {"format_version": FORMAT_VERSION, **expected_meta}, where,
+                    default_meta)
 
     def wait(self) -> None:
         """Until the last save is written; a CheckpointError if it failed (again on every call

@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Sequence
 
 from spjax.errors import SpjaxError, is_disk_full, write_failure
+
+STARTED = time.time()  # the process's start, near enough: summary.json's start-up time
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -26,7 +29,7 @@ def _train(args: argparse.Namespace) -> int:
         dry_run(config)
         return 0
     try:
-        train(config)
+        train(config, started=STARTED)
     except TrainingInterrupted as e:
         print(f"spjax: {e}", file=sys.stderr)
         return 128 + e.signum

@@ -93,10 +93,27 @@ class TrainConfig:
     # 'gate': train only the attention gates (layers/*/attn/gate), every other parameter
     # frozen bit-exactly: sparsify a trained dense checkpoint by distillation
     trainable: Literal["all", "gate"] = "all"
+    # A save every this many minutes as well (0: off), e.g. to bound the work a pre-empted
+    # job loses; saves stay collective and atomic
+    checkpoint_every_minutes: float = 0.0
+    # A NaN/Inf loss or gradient norm never changes the state. 'stop': the run ends with an
+    # error naming the step and the last good checkpoint; 'skip': the step's update is
+    # dropped (logged as nonfinite in metrics.jsonl) and training goes on, until
+    # nan_skip_limit steps in a row were skipped
+    nan_policy: Literal["stop", "skip"] = "stop"
+    nan_skip_limit: int = 10
+    # Bit-identical runs on one GPU (XLA's deterministic ops; see train/determinism.py).
+    # CPU runs are deterministic either way
+    deterministic: bool = False
 
     def validate(self) -> None:
         if self.steps <= 0:
             raise ConfigError(f"train.steps must be > 0, got {self.steps}")
+        if self.nan_skip_limit <= 0:
+            raise ConfigError(f"train.nan_skip_limit must be > 0, got {self.nan_skip_limit}")
+        if self.checkpoint_every_minutes < 0:
+            raise ConfigError(f"train.checkpoint_every_minutes must be >= 0 (0: off), got "
+                              f"{self.checkpoint_every_minutes}")
         for key in ("log_every", "eval_batches", "keep_checkpoints"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be > 0, got {getattr(self, key)}")

@@ -32,9 +32,10 @@ ENV_INIT_TIMEOUT = "SPJAX_INIT_TIMEOUT"
 DEFAULT_INIT_TIMEOUT_S = 300
 # JAX's own deadline comes this much after ours, so our message wins the race.
 _JAX_TIMEOUT_MARGIN_S = 30
-# How long a process waits at a step for the others before giving up (see stop_agreed).
+# How long a process waits at a step for the others before giving up (see step_agreed).
 STEP_BARRIER_TIMEOUT_S = 3600
 _STOP_KEY = "spjax/stop_at_step"
+_SAVE_KEY = "spjax/save_at_step"
 
 
 class DistributedError(SpjaxError):
@@ -152,18 +153,21 @@ def fetch(tree: Any) -> Any:
     return jax.tree.map(to_host, tree)
 
 
-def stop_agreed(step: int, local_stop: bool) -> bool:
-    """Whether every process stops after `step`; each must call this once per step.
+def step_agreed(step: int, local_stop: bool, main_save: bool = False) -> tuple[bool, bool]:
+    """(stop, save): whether every process stops after `step`, and whether all save a
+    checkpoint at it on the main process's say-so; each process must call this once per
+    step.
 
     A signal (Ctrl-C, SIGTERM from SLURM or the launcher) reaches the processes at slightly
     different steps, but a checkpoint save is collective: all must stop and save at the same
     step, or they deadlock. A process that was signalled publishes its step in the
     coordinator's key-value store *before* it enters the step's barrier; everyone reads the
-    key after the barrier, so all see the same value and stop at the same step. One process
-    needs nothing of this: it returns `local_stop` as is.
+    key after the barrier, so all see the same value and stop at the same step. Time-based
+    saves (train.checkpoint_every_minutes) follow process 0's clock the same way: clocks of
+    different hosts would disagree on which step is due. One process needs nothing of this.
     """
     if jax.process_count() == 1:
-        return local_stop
+        return local_stop, main_save
     from jax._src import distributed as jax_distributed  # the client has no public handle
 
     client = jax_distributed.global_state.client
@@ -172,13 +176,21 @@ def stop_agreed(step: int, local_stop: bool) -> bool:
             client.key_value_set(_STOP_KEY, str(step))
         except jax.errors.JaxRuntimeError:
             pass  # another process proposed first; its step holds
+    save_key = f"{_SAVE_KEY}/{step}"
+    if main_save and jax.process_index() == 0:
+        client.key_value_set(save_key, "1")
     try:
         client.wait_at_barrier("spjax/step", STEP_BARRIER_TIMEOUT_S * 1000)
     except jax.errors.JaxRuntimeError:
         raise DistributedError(f"the other processes did not reach step {step} within "
                                f"{STEP_BARRIER_TIMEOUT_S}s; see their logs") from None
+    return _published(client, _STOP_KEY, lambda v: int(v) <= step), \
+        _published(client, save_key, lambda v: True)
+
+
+def _published(client: Any, key: str, test: Any) -> bool:
     try:
-        value = client.key_value_try_get(_STOP_KEY)
-    except jax.errors.JaxRuntimeError:  # NOT_FOUND: nobody asked to stop
+        value = client.key_value_try_get(key)
+    except jax.errors.JaxRuntimeError:  # NOT_FOUND: nobody published it
         return False
-    return int(value) <= step
+    return test(value)

@@ -16,6 +16,7 @@ distribution), and gives the train step four pure functions:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -153,15 +154,41 @@ class SparsityEngine:
     # ------------------------------------------------------------------ step functions
 
     def init(self, params: Any, structure: Any, key: jax.Array) -> tuple[Any, Any]:
+        """Each layer's mask (and tables, and pruned kernel) through one jit per distinct
+        layer shape and target (`_layer_init`), called layer by layer. One jit over every
+        layer compiled a program of 168 mask selections at 350M block-sparse, about 50 s on an
+        H100; a few one-layer programs compile in a second or two. Values are the same."""
         for i, layer in enumerate(self.layers):
             kernel = get_path(params, layer.path)["kernel"]
-            mask = from_matrix(self.method.init(layer, as_matrix(kernel),
-                                                jax.random.fold_in(key, i)), kernel.shape)
-            structure = self._set_mask(structure, layer, mask)
+            with_tables = "tables" in get_path(structure, layer.path)
+            mask, tables, kernel = self._layer_init(layer, with_tables)(
+                kernel, jax.random.fold_in(key, i))
+            structure = set_path(structure, layer.path + ("mask",), mask)
+            if with_tables:
+                structure = set_path(structure, layer.path + ("tables",), tables)
             if self.method.hard:
-                params = set_path(params, layer.path + ("kernel",),
-                                  kernel * mask.astype(kernel.dtype))
+                params = set_path(params, layer.path + ("kernel",), kernel)
         return params, self.prepare(jnp.zeros((), jnp.int32), structure)
+
+    @functools.cached_property
+    def _layer_inits(self) -> dict[tuple[Any, ...], Callable]:
+        return {}  # (shape, density, units, keep, tables) -> jitted one-layer init
+
+    def _layer_init(self, layer: SparseLayer, with_tables: bool) -> Callable:
+        """(kernel, key) -> (mask, block tables or None, kernel with pruned weights zeroed),
+        jitted once per layer signature (the method sees only shape and targets)."""
+        signature = (layer.shape, layer.density, layer.units, layer.keep, with_tables)
+        if signature not in self._layer_inits:
+            template = dataclasses.replace(layer, name="", path=())
+
+            def one(kernel: jax.Array, key: jax.Array) -> tuple[Any, Any, jax.Array]:
+                mask = from_matrix(self.method.init(template, as_matrix(kernel), key),
+                                   kernel.shape)
+                tables = tables_for(mask, self.config.block) if with_tables else None
+                return mask, tables, kernel * mask.astype(kernel.dtype)
+
+            self._layer_inits[signature] = jax.jit(one)
+        return self._layer_inits[signature]
 
     def _set_mask(self, structure: Any, layer: SparseLayer, mask: jax.Array) -> Any:
         """Sets a layer's mask, and the block tables of kernel-backed layers with it (their

@@ -36,6 +36,7 @@ class MetricsWriter:
         self.path = run_dir / "metrics.jsonl"
         self._tb: _EventFile | None = None
         self._file = None
+        self.nonfinite_before = 0  # steps up to resume_step skipped for non-finite values
         if not enabled:
             return
         try:
@@ -54,8 +55,10 @@ class MetricsWriter:
         kept = []
         for line in text.splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
+                record = json.loads(line)
+                if record.get("step", 0) <= step:
                     kept.append(line)
+                    self.nonfinite_before += bool(record.get("nonfinite"))
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
         content = "".join(f"{line}\n" for line in kept)

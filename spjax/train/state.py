@@ -184,11 +184,12 @@ def init_state(program: Program, layout: StateLayout, seed: int) -> TrainState:
     params = jax.device_put(nnx.to_pure_dict(params), layout.state.params)
     structure = jax.device_put(nnx.to_pure_dict(structure), layout.state.structure)
     key = jax.random.key(seed)
-    if program.sparsity is not None:
-        init_masks = jax.jit(program.sparsity.init,
-                             out_shardings=(layout.state.params, layout.state.structure))
+    if program.sparsity is not None:  # layer by layer, each layer's init jitted (see init)
         with parallel.activate(layout.mesh, layout.rules):
-            params, structure = init_masks(params, structure, jax.random.fold_in(key, 2))
+            params, structure = program.sparsity.init(params, structure,
+                                                      jax.random.fold_in(key, 2))
+        params = jax.device_put(params, layout.state.params)
+        structure = jax.device_put(structure, layout.state.structure)
     opt_state = jax.jit(program.optimizer.init, out_shardings=layout.state.opt_state)(params)
     rng = jax.random.key_data(jax.random.fold_in(key, 1))
     put = jax.device_put

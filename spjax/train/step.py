@@ -8,6 +8,7 @@ incoming state. With a sparsity method, one step is:
   -> the method's optimizer gradients (masked, or dense plus decay terms)
   -> optimizer update
   -> the method's mask update when due (prune/regrow, moments of changed weights zeroed)
+  -> kept only if the loss and gradient norm are finite (else the state stays as it was)
 
 Learned attention gates add their distillation loss (model.attention_pattern.gate.loss_coef
 x attn_gate_loss) to the loss. With train.trainable=gate every other parameter enters the
@@ -88,11 +89,20 @@ def make_train_step(program: Program) -> Callable[[TrainState, Batch], tuple[Tra
             params, structure, opt_state = engine.update(steps_done, params, structure,
                                                          opt_state, grads,
                                                          jax.random.fold_in(key, i))
-        metrics = {**parts, "grad_norm": optax.tree.norm(grads_for_optimizer),
-                   "lr": program.schedule(state.step), **now,
-                   "avg_nonzero_params": counts["avg_nonzero_params"]}
-        new_state = TrainState(step=steps_done, params=params, structure=structure,
-                               opt_state=opt_state, rng=state.rng, accounting=counts)
+        grad_norm = optax.tree.norm(grads_for_optimizer)
+        # A non-finite loss or gradient norm leaves the state as it was (only the step count
+        # moves on, past this batch): a poisoned state never exists, so it is never saved.
+        # The loop reads `nonfinite` and stops or skips (train.nan_policy). The select fuses
+        # into the update; finite steps are bit-identical to an unguarded step.
+        finite = jnp.isfinite(parts["loss"]) & jnp.isfinite(grad_norm)
+        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                            (params, structure, opt_state, counts),
+                            (state.params, state.structure, state.opt_state, state.accounting))
+        metrics = {**parts, "grad_norm": grad_norm, "lr": program.schedule(state.step), **now,
+                   "avg_nonzero_params": counts["avg_nonzero_params"],
+                   "nonfinite": jnp.logical_not(finite)}
+        new_state = TrainState(step=steps_done, params=kept[0], structure=kept[1],
+                               opt_state=kept[2], rng=state.rng, accounting=kept[3])
         return new_state, metrics
 
     return train_step
