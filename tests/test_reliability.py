@@ -227,3 +227,56 @@ def test_summary_breaks_the_wall_time_down(dataset, tmp_path):
     assert time_s["total"] == pytest.approx(summary["wall_time_s"], abs=0.01)
     resumed = train(load_config(None, _args(dataset, run_dir, "train.steps=9")))
     assert resumed["time_s"]["restore"] > 0
+
+
+def test_deterministic_mode_sets_xla_flag_and_is_refused_on_gpus(monkeypatch):
+    from spjax.errors import ConfigError
+    from spjax.train import determinism
+
+    determinism.check_backend(True, "cpu")  # CPU: deterministic anyway, nothing to refuse
+    determinism.check_backend(False, "gpu")
+    with pytest.raises(ConfigError, match="train.deterministic=true does not run on GPUs yet"):
+        determinism.check_backend(True, "gpu")
+    jax.devices()  # JAX is running in this process: the flag can no longer take effect
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    with pytest.raises(ConfigError, match="before JAX starts"):
+        determinism.configure(True)
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 "
+                                    f"{determinism.XLA_FLAG}")
+    determinism.configure(True)  # already in effect: fine
+    assert determinism.flag_set()
+
+
+def test_deterministic_runs_on_cpu_equal_default_runs(dataset, tmp_path, monkeypatch):
+    """On CPU the mode changes no value: same losses as a default run (and bit-exact resume
+    is tested in test_resume.py). The flag is set as the CLI would before JAX starts."""
+    from spjax.train import determinism
+
+    monkeypatch.setenv("XLA_FLAGS", determinism.XLA_FLAG)
+    runs = {}
+    for flag in ("false", "true"):
+        run_dir = tmp_path / flag
+        train(load_config(None, _args(dataset, run_dir, "train.steps=4", "train.log_every=1",
+                                      f"train.deterministic={flag}")))
+        runs[flag] = [r["loss"] for r in _records(run_dir) if "loss" in r]
+    assert runs["true"] == runs["false"]
+
+
+def test_cli_turns_the_flag_on_before_jax_starts(dataset, tmp_path):
+    """Through `spjax train` in a fresh process, the mode's XLA flag goes in before the
+    backend starts (no 'already running' error), and the run completes."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    code = ("import os, sys; from spjax.cli import main; rc = main(sys.argv[1:]); "
+            "print('XLA_FLAGS=' + os.environ.get('XLA_FLAGS', '')); sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code, "train", "configs/tiny.yaml",
+                             *_args(dataset, run_dir, "train.steps=2",
+                                    "train.deterministic=true")],
+                            cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--xla_gpu_exclude_nondeterministic_ops=true" in result.stdout
+    assert (run_dir / "summary.json").exists()

@@ -71,6 +71,7 @@ def train(config: Config, started: float | None = None) -> dict[str, Any]:
     clock = Clock(started)
     determinism.configure(config.train.deterministic)  # before anything starts the backend
     use_compile_cache(config.train.compile_cache)
+    determinism.check_backend(config.train.deterministic, jax.default_backend())
     config, data_meta = resolve_config(config)
     is_main = jax.process_index() == 0
     run_dir = Path(config.run_dir)
