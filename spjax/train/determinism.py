@@ -15,8 +15,9 @@ What breaks determinism on a GPU, and what this mode does about each:
   its first execution inside `execute_sharded` (IndexError raw_hash_map::at), the crash
   issue 22 reported. Which op's deterministic path fails is not yet known (the cuDNN
   attention backward, forced deterministic by both flags, is the first suspect;
-  bench/determinism_probe.py runs each part twice under a flag set and names the one). Until it is found and routed around,
-  `check_backend` refuses the mode on GPUs with a one-line error instead of that crash.
+  bench/determinism_probe.py runs each part twice under a flag set and names the one).
+  Until it is found and routed around, `check_backend` refuses the mode on GPUs with a
+  one-line error instead of that crash.
 - The fused block-sparse attention backward adds dQ by TMA reduce-add from several programs
   in arrival order; `deterministic_config` switches to the two-kernel backward, which has no
   cross-program reduction.
