@@ -30,7 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from spjax.errors import CheckpointError, is_disk_full
-from spjax.nested import nest_paths
+from spjax.tree import flat_paths, nest_paths
 
 # 2: the data state is one JSON item for all processes (1 had one grain file per process)
 FORMAT_VERSION = 2
@@ -234,15 +234,6 @@ def _restore_matching(manager: ocp.CheckpointManager, directory: Path, abstract:
         raise CheckpointError(f"train.init_from: checkpoint {where} is corrupt or unreadable "
                               f"({_first_line(e)})") from None
     return flat_paths(restored), missing, step
-
-
-def flat_paths(tree: Any) -> dict[str, Any]:
-    """{'a/b/0/c': leaf} of a pytree, keys as strings whatever their type."""
-    def name(key: Any) -> str:
-        return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
-
-    return {"/".join(name(k) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _check_meta(found: dict[str, Any], expected: dict[str, Any], where: Path,

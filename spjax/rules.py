@@ -14,6 +14,9 @@ from typing import Any, Iterable, Sequence
 
 from spjax.errors import ConfigError
 
+# A rule list as config holds it: ordered (regex, value) pairs, first match wins.
+RuleList = tuple[tuple[str, Any], ...]
+
 _NO_MATCH = object()
 
 

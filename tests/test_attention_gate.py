@@ -17,14 +17,14 @@ from flax import nnx
 from pallas_kernels.block_sparse_attention import reference
 from helpers import assert_sharded_equals_single
 from spjax import parallel
-from spjax.checkpoint import flat_paths
+from spjax.tree import flat_paths
 from spjax.cli import main
 from spjax.config import load_config
 from spjax.data import prepare_dataset
 from spjax.errors import ConfigError
 from spjax.model import attention_gate as ag
 from spjax.model.transformer import Transformer, closed_form_param_count
-from spjax.train import flops
+from spjax.train import accounting as flops
 
 TINY = ["model=tiny", "model.vocab_size=61", "model.compute_dtype=float32",
         "model.attention_pattern.block=16", "data.seq_len=64"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from spjax.errors import ConfigError
-from spjax.model import attention_patterns as ap
+from spjax.config import attention_patterns as ap
 
 
 def _rows(*rows):

@@ -15,11 +15,11 @@ from flax import nnx
 from helpers import TrainHarness, assert_sharded_equals_single
 from spjax.config import load_config
 from spjax.errors import ConfigError
-from spjax.model import attention_patterns
+from spjax.config import attention_patterns
 from spjax.model.structures import LinearFactory, dense_everywhere
 from spjax.model.transformer import (Attention, Transformer, closed_form_param_count,
                                      rope_tables)
-from spjax.train import flops
+from spjax.train import accounting as flops
 
 # d 64, 4 heads of 16
 TINY = ["model=tiny", "model.d_model=64", "model.d_ff=96", "model.n_heads=4",

@@ -12,7 +12,7 @@ from flax import nnx
 
 from spjax.config import CONFIGS_DIR, load_config
 from spjax.errors import ConfigError
-from spjax.sparsity.engine import get_path
+from spjax.tree import get_path
 from spjax.train.memory import memory_report
 from spjax.train.state import Program, init_state, state_layout
 from spjax.train.step import make_train_step, token_losses

@@ -10,7 +10,7 @@ from flax import nnx
 
 from spjax.config import load_config
 from spjax.errors import ConfigError
-from spjax.model import lowrank
+from spjax.model import lowrank, variables
 from spjax.model.linear import DenseLinear, LinearSpec, normal_init
 from spjax.model.structures import STRUCTURES
 from spjax.model.transformer import Transformer
@@ -103,13 +103,13 @@ FACTORS = {"a": (nnx.Param, ("embed", "rank")), "b": (nnx.Param, ("rank", "mlp")
 VARIABLES = {
     "lowrank": FACTORS,
     "sltrain": {**FACTORS, "values": (nnx.Param, (None,)),
-                "index": (lowrank.SparseIndex, (None,))},
-    "relora": {**FACTORS, "w0": (lowrank.FrozenKernel, AXES)},
+                "index": (variables.SparseIndex, (None,))},
+    "relora": {**FACTORS, "w0": (variables.FrozenKernel, AXES)},
     "lost": {**FACTORS, "values": (nnx.Param, ("embed", None)),
-             "channels": (lowrank.SparseIndex, (None,))},
+             "channels": (variables.SparseIndex, (None,))},
     "sst": {"u": (nnx.Param, ("embed", "rank")), "s": (nnx.Param, (None,)),
             "v": (nnx.Param, ("rank", "mlp")),
-            "selection": (lowrank.SpectralSelection, (None,))},
+            "selection": (variables.SpectralSelection, (None,))},
 }
 
 
@@ -228,7 +228,7 @@ def test_refactorize_keeps_the_function_and_balances_the_factors(name):
 def test_relora_starts_at_w0_and_merge_keeps_the_function():
     fresh = build("relora", seed=11)
     assert rel(fresh.effective_kernel(), fresh.w0[...]) == 0.0
-    assert isinstance(fresh.w0, lowrank.FrozenKernel) and fresh.w0.get_metadata()["axes"] == AXES
+    assert isinstance(fresh.w0, variables.FrozenKernel) and fresh.w0.get_metadata()["axes"] == AXES
     layer = perturbed("relora", seed=11)
     x = random_x(12)
     before = np.asarray(layer(x))

@@ -285,7 +285,7 @@ def test_param_count_and_active_flops():
     config = load_config(None, [*MODEL, "model.moe.shared_expert=true", "model.moe.every=2"])
     program = Program.build(config)
     assert program.model_def.param_count() == closed_form_param_count(config.model)
-    from spjax.train import flops
+    from spjax.train import accounting as flops
 
     d, f, e = 32, 64, 8
     dense_layer, moe_layer = 4 * d * d + 3 * d * f, 4 * d * d + d * e + 2 * 3 * d * f + 3 * d * f

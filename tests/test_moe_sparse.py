@@ -10,7 +10,7 @@ import pytest
 
 from spjax.config import load_config
 from spjax.sparsity.masks import erk_densities
-from spjax.train import flops as flops_lib
+from spjax.train import accounting as flops_lib
 from spjax.train.state import Program
 
 from tests.test_moe import MODEL, Run, _batches

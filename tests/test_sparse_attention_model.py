@@ -14,7 +14,7 @@ from helpers import assert_sharded_equals_single
 from spjax.config import load_config
 from spjax.errors import ConfigError
 from spjax.model.transformer import Transformer
-from spjax.train import flops
+from spjax.train import accounting as flops
 
 TINY = ["model=tiny", "model.vocab_size=61", "model.compute_dtype=float32",
         "model.attention_pattern.block=16", "data.seq_len=64"]
@@ -202,7 +202,7 @@ def test_a_sequence_the_block_does_not_divide_names_the_layer():
 def test_training_flops_count_the_attention_the_pattern_computes():
     """The accounting's train FLOPs follow the attention pattern; 'vs dense' compares with
     dense weights and dense causal attention."""
-    from spjax.train import flops as flops_lib
+    from spjax.train import accounting as flops_lib
     from spjax.train.state import Program
 
     sizes = ["model=tiny", "model.n_layers=2", "model.vocab_size=64", "data.seq_len=256",

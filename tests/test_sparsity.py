@@ -17,8 +17,8 @@ from helpers import TrainHarness
 from spjax import parallel
 from spjax.config import CONFIGS_DIR, load_config
 from spjax.errors import ConfigError
-from spjax.sparsity.engine import get_path
-from spjax.train.optimizer import zero_moments
+from spjax.tree import get_path
+from spjax.tree import zero_moments
 from spjax.sparsity.masks import is_nm_valid
 from spjax.train.state import Program, state_layout
 from spjax.train.step import make_train_step, token_losses

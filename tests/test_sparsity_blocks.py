@@ -15,7 +15,7 @@ from helpers import TrainHarness
 from spjax import parallel
 from spjax.config import load_config
 from spjax.errors import ConfigError
-from spjax.sparsity.engine import get_path
+from spjax.tree import get_path
 from spjax.train.state import Program
 from test_sparsity import MODEL, Run
 

@@ -9,9 +9,10 @@ source with the byte tokenizer: real text, always present, no download.
 """
 
 from spjax.data.pipeline import TokenWindows, TrainIterator, eval_batches, train_batches, train_iterator
-from spjax.data.prepare import cache_root, default_dataset, load_meta, prepare_dataset, unigram_entropy
+from spjax.data.prepare import (cache_root, default_dataset, load_meta, load_tokenizer,
+                                prepare_dataset, unigram_entropy)
 from spjax.data.sources import resolve_inputs, stdlib_inputs
-from spjax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, train_bpe
+from spjax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, train_bpe
 
 __all__ = [
     "ByteTokenizer",

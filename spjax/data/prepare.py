@@ -35,7 +35,8 @@ import numpy as np
 from tqdm import tqdm
 
 from spjax.data.sources import Document, InputFile, Skipped, iter_documents, resolve_inputs, stdlib_inputs
-from spjax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, train_bpe
+from spjax.data.tokenizer import (ByteTokenizer, HFTokenizer, Tokenizer, tokenizer_from_meta,
+                                  train_bpe)
 from spjax.errors import DataError, not_a_directory
 
 FORMAT_VERSION = 1
@@ -393,3 +394,9 @@ def load_meta(path: str | Path) -> dict[str, Any]:
         if size != n * itemsize:
             raise DataError(f"{shard}: shard is truncated ({size} bytes, meta.json says {n * itemsize}); {hint}")
     return meta
+
+
+def load_tokenizer(dataset_dir: str | Path) -> Tokenizer:
+    """Rebuilds the tokenizer recorded in a prepared dataset's meta.json."""
+    meta = load_meta(dataset_dir)
+    return tokenizer_from_meta(meta["tokenizer"], Path(dataset_dir))

@@ -150,11 +150,3 @@ def tokenizer_from_meta(desc: dict[str, Any], dataset_dir: Path) -> Tokenizer:
         tok.name = desc.get("name", tok.name)
         return tok
     raise DataError(f"{dataset_dir / 'meta.json'}: unknown tokenizer kind {desc.get('kind')!r}; re-run `spjax prepare-data`")
-
-
-def load_tokenizer(dataset_dir: str | Path) -> Tokenizer:
-    """Rebuilds the tokenizer recorded in a prepared dataset's meta.json."""
-    from spjax.data.prepare import load_meta  # prepare imports this module
-
-    meta = load_meta(dataset_dir)
-    return tokenizer_from_meta(meta["tokenizer"], Path(dataset_dir))

@@ -23,12 +23,12 @@ import jax.numpy as jnp
 
 from spjax.config import ModelConfig
 from spjax.errors import ConfigError
-from spjax.lowrank.config import LowRankConfig
+from spjax.config.lowrank import LowRankConfig
 from spjax.model import lowrank as layers_lib
 from spjax.model.linear import LinearSpec
 from spjax.rules import Rules
-from spjax.sparsity.engine import get_path, set_path
-from spjax.train.optimizer import zero_moments
+from spjax.tree import get_path, set_path
+from spjax.tree import zero_moments
 
 
 def lowrank_rules(config: LowRankConfig) -> Rules:

@@ -31,14 +31,7 @@ from pallas_kernels.block_sparse.layout import BlockLayout, block_mask_of, build
 from spjax import parallel
 from spjax.errors import ConfigError, require_gpu
 from spjax.model.linear import Axes, LinearSpec, MaskedLinear
-
-
-class BlockTable(nnx.Variable):
-    """int32 block metadata of a block-sparse layer (see pallas_kernels/block_sparse/layout)."""
-
-
-class DenseGradFlag(nnx.Variable):
-    """bool scalar: take the dense straight-through path this step (RigL's regrowth steps)."""
+from spjax.model.variables import BlockTable, DenseGradFlag
 
 
 class BlockSparseLinear(MaskedLinear):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spjax.model.linear import Axes, normal_init
-from spjax.sparsity.masks import PrunedScale, SparsityMask
+from spjax.model.variables import PrunedScale, SparsityMask
 
 
 class ExpertWeights(nnx.Module):

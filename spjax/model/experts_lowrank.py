@@ -23,8 +23,8 @@ from flax import nnx
 
 from spjax.model.experts import ExpertWeights
 from spjax.model.linear import Axes, LinearSpec, normal_init
-from spjax.model.lowrank import (FrozenKernel, SparseIndex, _check_alpha, _check_rank,
-                                 kaiming_uniform, sltrain_nnz)
+from spjax.model.lowrank import _check_alpha, _check_rank, kaiming_uniform, sltrain_nnz
+from spjax.model.variables import FrozenKernel, SparseIndex
 
 
 def _factors(module: nnx.Module, kind: str, experts: int, d_in: int, d_out: int, axes: Axes,

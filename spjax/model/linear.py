@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spjax.sparsity.masks import PrunedScale, SparsityMask
+from spjax.model.variables import PrunedScale, SparsityMask
 
 Axes = tuple[str | None, ...]
 

@@ -39,18 +39,7 @@ from flax import nnx
 
 from spjax.errors import ConfigError
 from spjax.model.linear import Axes, LinearSpec, normal_init
-
-
-class SparseIndex(nnx.Variable):
-    """int32 support of a sparse component (flat indices, or kept channels); never trained."""
-
-
-class FrozenKernel(nnx.Variable):
-    """ReLoRA's W0: a dense kernel outside the optimizer, changed only by merges."""
-
-
-class SpectralSelection(nnx.Variable):
-    """SST: bool (m,), True for the singular-vector pairs trained in the current iteration."""
+from spjax.model.variables import FrozenKernel, SparseIndex, SpectralSelection
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -29,7 +29,7 @@ from pallas_kernels.device import hopper_gpu
 from spjax import parallel
 from spjax.config import AttentionPatternConfig
 from spjax.errors import ConfigError, require_gpu
-from spjax.model import attention_patterns
+from spjax.config import attention_patterns
 
 
 @functools.lru_cache(maxsize=64)

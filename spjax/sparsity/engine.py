@@ -28,10 +28,10 @@ from spjax.errors import ConfigError
 from spjax.model.blocksparse import tables_for
 from spjax.model.linear import LinearSpec
 from spjax.rules import Rules
-from spjax.sparsity.config import SparsityConfig
+from spjax.config.sparsity import SparsityConfig
 from spjax.sparsity.masks import counts_for, erk_densities
 from spjax.sparsity.methods import Method, SparseLayer, build_method
-from spjax.train.optimizer import zero_moments
+from spjax.tree import get_path, set_path, zero_moments
 
 
 def layer_rules(config: SparsityConfig) -> Rules:
@@ -96,20 +96,6 @@ def _find_masks(tree: Any, prefix: tuple = ()) -> list[tuple[Any, ...]]:
     for key, child in tree.items():
         found += _find_masks(child, prefix + (key,))
     return found
-
-
-def get_path(tree: Any, path: tuple[Any, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def set_path(tree: dict, path: tuple[Any, ...], value: Any) -> dict:
-    """A copy of `tree` with `path` replaced (copies only the dicts along the path)."""
-    if not path:
-        return value
-    head, rest = path[0], path[1:]
-    return {**tree, head: set_path(tree[head], rest, value)}
 
 
 @dataclasses.dataclass(frozen=True)

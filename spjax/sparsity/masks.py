@@ -19,15 +19,6 @@ from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-
-
-class SparsityMask(nnx.Variable):
-    """bool mask beside the kernel it masks; True = kept. Never differentiated."""
-
-
-class PrunedScale(nnx.Variable):
-    """Scalar factor of the pruned weights in the forward (0 = hard mask; MDGF decays it)."""
 
 
 # ----------------------------------------------------------------------------- selection

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from spjax.sparsity import schedules
-from spjax.sparsity.config import SparsityConfig
+from spjax.config.sparsity import SparsityConfig
 from spjax.sparsity.masks import block_scores, expand_blocks, nm_mask, rank_mask
 
 

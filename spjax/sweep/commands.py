@@ -94,7 +94,8 @@ def _sweep(args: argparse.Namespace) -> int:
         return 0
     if args.csv:
         raise SweepError("--csv belongs to 'spjax sweep collect SPEC'")
-    from spjax.sweep.runners import SweepInterrupted, describe, display, plan, run_sweep
+    from spjax.sweep.run import run_sweep
+    from spjax.sweep.runners import SweepInterrupted, describe, display, plan
 
     if args.dry_run:
         planned = plan(spec)

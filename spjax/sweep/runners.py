@@ -1,12 +1,12 @@
-"""Running a sweep: plan the points, run the unfinished ones, report each one.
+"""Running a sweep's points: plan them, run the unfinished ones locally, report each one.
 
-`run_sweep(spec, runner, parallel)` loads every point's config first, so a typo in any key
+`run_sweep` (run.py) loads every point's config first, so a typo in any key
 fails at start-up with the config's own message, before anything trains. Finished points are
 skipped without starting a process; interrupted ones are re-run with the same command, which
 resumes from their last checkpoint. Each attempt appends to RUN_DIR/sweep.log. A failed point
 is reported with its log path and never stops the others; the sweep then exits non-zero.
 
-The local runner keeps up to N `spjax train` processes running at once; the SLURM runner
+The local runner here keeps up to N `spjax train` processes running at once; the SLURM runner
 (slurm.py) submits one job array with one task per unfinished point.
 """
 
@@ -25,7 +25,7 @@ from typing import Callable, Literal, TextIO
 from spjax.config import Config
 from spjax.errors import SpjaxError, SweepError
 from spjax.sweep.spec import Point, SweepSpec
-from spjax.sweep.status import Status, check_marker, last_step, point_status, write_marker
+from spjax.sweep.status import Status, check_marker, last_step, point_status
 
 
 class SweepInterrupted(SpjaxError):
@@ -154,29 +154,6 @@ def report(outcomes: list[Outcome], out: TextIO) -> int:
         print("sweep: fix the cause and run the same command again: finished points are "
               "skipped and failed ones retried", file=out, flush=True)
     return 1 if failed else 0
-
-
-def run_sweep(spec: SweepSpec, runner: str = "local", parallel: int = 1,
-              out: TextIO | None = None, progress_every: float = 30.0, gpus: int = 0) -> int:
-    out = out or sys.stdout
-    planned = plan(spec)
-    print(f"sweep {spec.name}: {describe(planned)}; run dirs under {display(spec.out)}",
-          file=out, flush=True)
-    todo = [p for p in planned if p.status.kind != "done"]
-    outcomes = [Outcome(p.point, "skipped") for p in planned if p.status.kind == "done"]
-    for p in todo:
-        write_marker(p.point, p.config, spec.path)
-    progress = Progress(len(planned), len(outcomes), out, progress_every)
-    if todo:
-        if runner == "local":
-            outcomes += run_local(spec, todo, parallel, progress, gpus=gpus)
-        else:
-            from spjax.sweep.slurm import run_slurm
-
-            outcomes += run_slurm(spec, todo, parallel, progress)
-    order = {p.point.index: i for i, p in enumerate(planned)}
-    outcomes.sort(key=lambda o: order[o.point.index])
-    return report(outcomes, out)
 
 
 def terminate_on_sigterm() -> Callable[[], None]:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from spjax.config import Config, to_dict
 from spjax.errors import SweepError
-from spjax.nested import nest_paths
+from spjax.tree import nest_paths
 from spjax.sweep.spec import Point, format_value
 
 MARKER = "sweep_point.json"

@@ -18,11 +18,11 @@ import jax
 import yaml
 from tqdm import tqdm
 
-from spjax import distributed, parallel
+from spjax import distributed
 from spjax.config import Config, to_dict
 from spjax.errors import SpjaxError
 from spjax.train import determinism
-from spjax.train import flops as flops_lib
+from spjax.train import accounting as flops_lib
 from spjax.train.compile_cache import use_compile_cache
 from spjax.train.metrics import MetricsWriter
 from spjax.train.session import (Session, checkpoint_meta, completed_summary,  # noqa: F401

@@ -8,7 +8,6 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from spjax.config import OptimizerConfig
@@ -79,22 +78,3 @@ def train_only(optimizer: optax.GradientTransformation,
             lambda path, _: "train" if is_trainable(path) else "frozen", params)
 
     return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
-
-
-def zero_moments(opt_state: Any, params: Any, reset: Any) -> Any:
-    """Zeroes, in every params-shaped part of any optax state (Adam's mu and nu, SGD's trace,
-    ...), the entries where `reset` (a params-shaped tree of bools or scalar False) is True."""
-    params_def = jax.tree.structure(params)
-
-    def is_params_like(node: Any) -> bool:
-        return jax.tree.structure(node) == params_def
-
-    def clear(node: Any) -> Any:
-        if not is_params_like(node):
-            return node
-        return jax.tree.map(
-            lambda leaf, r: jnp.where(r, jnp.zeros_like(leaf), leaf)
-            if hasattr(leaf, "shape") and jnp.shape(r) in ((), leaf.shape) else leaf,
-            node, reset)
-
-    return jax.tree.map(clear, opt_state, is_leaf=is_params_like)

@@ -30,7 +30,7 @@ from spjax.model.linear import LinearSpec
 from spjax.model.structures import dense_everywhere
 from spjax.model.transformer import Transformer
 from spjax.rules import Rules
-from spjax.sparsity.accounting import Accounting
+from spjax.train.accounting import Accounting
 from spjax.sparsity.engine import SparsityEngine, layer_assignment
 from spjax.errors import ConfigError
 from spjax.lowrank.engine import (LowRankEngine, check_galore_targets, galore_targets,

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from spjax import distributed
-from spjax.train import flops as flops_lib
+from spjax.train import accounting as flops_lib
 from spjax.train.memory import memory_report
 from spjax.train.session import Session
 from spjax.train.state import TrainState

@@ -12,9 +12,10 @@ from typing import Any
 
 import jax
 
-from spjax.checkpoint import flat_paths, restore_matching
+from spjax.checkpoint import restore_matching
+from spjax.tree import flat_paths
 from spjax.errors import CheckpointError
-from spjax.nested import nest_paths
+from spjax.tree import nest_paths
 from spjax.train.state import Program, TrainState
 
 

@@ -22,11 +22,11 @@ experts dense.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 from spjax.errors import ConfigError
+from spjax.rules import RuleList
 
-RuleList = tuple[tuple[str, Any], ...]
 
 STRUCTURE_METHODS = ("lowrank", "sltrain", "lost", "sst", "relora")
 

@@ -1,20 +1,18 @@
 """The model section of the run configuration: architecture, mixture-of-experts and attention
-patterns (frozen dataclasses, validated; spjax/config.py reads them with the other sections)."""
+patterns (frozen dataclasses, validated; loading.py reads them with the other sections)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 from spjax.errors import ConfigError
-from spjax.model import attention_patterns
-from spjax.rules import Rules
+from spjax.config import attention_patterns
+from spjax.rules import RuleList, Rules
 
 # The pattern of layers whose block mask a learned gate computes (attention_gate.py)
 LEARNED = "learned"
 
-# A rule is (regex, value); rule lists are ordered and the first match wins (see rules.py).
-RuleList = tuple[tuple[str, Any], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +95,7 @@ class AttentionGateConfig:
 @dataclasses.dataclass(frozen=True)
 class AttentionPatternConfig:
     """Block-sparse attention (pallas_kernels/block_sparse_attention). `rules` give each
-    layer's attention, named `layers/{i}/attn`, a pattern of spjax/model/attention_patterns
+    layer's attention, named `layers/{i}/attn`, a pattern of spjax/config/attention_patterns
     (first matching regex wins); 'dense' keeps jax.nn.dot_product_attention. Sizes are in
     tokens, multiples of `block`, and shared by every layer with that pattern."""
 

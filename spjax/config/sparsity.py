@@ -14,11 +14,11 @@ default of the paper it comes from.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 from spjax.errors import ConfigError
+from spjax.rules import RuleList
 
-RuleList = tuple[tuple[str, Any], ...]
 
 METHODS = ("none", "static", "oneshot", "gmp", "set", "rigl", "ste", "srste", "mdgf", "sdgf",
            "ast", "spdf")
