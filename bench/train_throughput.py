@@ -6,7 +6,7 @@ XLA bf16 matmul rate on a large square product: the ceiling a transformer step c
 
     python bench/train_throughput.py --presets 60m,130m,350m --seq-len 1024 --batch 64
 
-Prints one row per preset: tokens/s, TFLOP/s (6N + causal attention, see spjax/train/flops.py),
+Prints one row per preset: tokens/s, TFLOP/s (6N + causal attention, see spjax/train/accounting.py),
 MFU against the 989 TFLOP/s bf16 dense peak, and the ratio to the measured matmul rate.
 Needs no dataset and no grain.
 """
@@ -29,7 +29,7 @@ from pallas_kernels.timing import median_seconds  # noqa: E402
 from spjax import parallel  # noqa: E402
 from spjax.config import load_config  # noqa: E402
 from spjax.errors import ConfigError  # noqa: E402
-from spjax.train import flops as flops_lib  # noqa: E402
+from spjax.train import accounting as flops_lib  # noqa: E402
 from spjax.train.state import Program, init_state, state_layout  # noqa: E402
 from spjax.train.step import make_train_step  # noqa: E402
 
