@@ -183,105 +183,138 @@ class _NonFiniteGuard:
 
 def _run_steps(session: Session, writer: MetricsWriter, clock: Clock
                ) -> tuple[TrainState, LoopOutcome]:
-    config = session.config
-    total_steps = config.train.steps
-    tokens_per_step = config.data.batch_size * config.data.seq_len
-    peak = flops_lib.peak_flops_per_device()
-    peak_total = peak * session.mesh.size if peak else None
-    flops_per_token = session.program.accounting.dense_flops_per_token
-    attention_flops = flops_lib.attention_flops_per_token(config.model, config.data.seq_len)[0]
-    save_every_s = 60 * config.train.checkpoint_every_minutes
-    state, batch = session.state, session.first_batch
-    session.state = session.first_batch = None  # donated to the first step
-    step = int(state.step)
-    outcome = LoopOutcome(step, {}, [], [], writer.nonfinite_before)
-
-    def measured_attention(values: dict[str, float]) -> None:
-        """Learned gates: attention FLOPs at the density the step measured."""
-        if "attn_density" in values:
-            outcome.gate_densities.append(values["attn_density"])
-            values["attention_flops_per_token"] = flops_lib.attention_flops_per_token(
-                config.model, config.data.seq_len, values["attn_density"])[0]
-
-    stop = _StopFlag()
-    bar = tqdm(total=total_steps, initial=step, disable=not (session.is_main and
-                                                               config.train.progress),
-               dynamic_ncols=True, unit="step", file=sys.stderr)
-    guard = _NonFiniteGuard(session, writer, bar)
-    stopping = False
-    pending_log: tuple[int, Any] | None = None
-    pending_flag: tuple[int, Any] | None = None
-    interval_start, interval_steps = time.time(), 0
-    last_save = time.time()
-    loop_start = time.time()
+    """Trains from the session's state to train.steps (or a stop signal, or a non-finite
+    step under train.nan_policy); returns the final state and what the loop measured."""
+    loop = _StepLoop(session, writer, clock)
     timed_parts = ("train_steps", "eval", "checkpoint")
     timed_before = sum(clock.seconds[p] for p in timed_parts)
+    loop_start = time.time()
     try:
-        while step < total_steps:
-            state, metrics = session.train_step(state, batch)
-            step += 1
-            interval_steps += 1
-            if pending_flag is not None:  # the previous step's flag; it is done by now
-                guard.check(*pending_flag)
-            pending_flag = (step, metrics)
-            if pending_log is not None:  # the previous logging step's metrics
-                outcome.last_metrics = _log(writer, bar, *pending_log, measured_attention)
-                pending_log = None
-            if _logs(config, step):
-                jax.block_until_ready(metrics["loss"])
-                elapsed = time.time() - interval_start
-                rate = interval_steps * tokens_per_step / elapsed
-                outcome.step_times.append(elapsed / interval_steps)
-                extra = {"tokens_per_s": rate, "tokens": step * tokens_per_step,
-                         "attention_flops_per_token": attention_flops}
-                if peak_total:
-                    extra["mfu"] = rate * flops_per_token / peak_total
-                pending_log = (step, {**metrics, **extra})
-                interval_start, interval_steps = time.time(), 0
-            if config.train.eval_every and step % config.train.eval_every == 0 \
-                    and step < total_steps:
-                with clock.part("eval", wait_for=state):
-                    val_loss = _evaluate(session, state)
-                writer.write(step, {"val_loss": val_loss, "val_ppl": ppl(val_loss)})
-                if session.is_main:  # tqdm.write prints even where the bar is disabled
-                    bar.write(f"step {step}: val_loss {val_loss:.4f} (ppl {ppl(val_loss):.2f})")
-                interval_start = time.time()
-            # Saves are collective: with several processes, all must stop at the same step.
-            time_due = bool(save_every_s) and time.time() - last_save >= save_every_s
-            stopping, time_due = distributed.step_agreed(step, stop.signal is not None,
-                                                         time_due)
-            if (config.train.checkpoint_every and step % config.train.checkpoint_every == 0) \
-                    or step == total_steps or stopping or time_due:
-                guard.check(*pending_flag)  # never save past a step that must stop the run
-                pending_flag = None
-                with clock.part("checkpoint", wait_for=state):
-                    session.save(state, step)
-                last_save = interval_start = time.time()
-            if stopping:
-                break
-            if step < total_steps:
-                batch = session.next_batch()
-        if pending_flag is not None:
-            guard.check(*pending_flag)
-        if pending_log is not None:
-            outcome.last_metrics = _log(writer, bar, *pending_log, measured_attention)
+        while loop.step < session.config.train.steps and not loop.stopping:
+            loop.run_one()
+        loop.flush()
     finally:
-        bar.close()
-        stop.restore()
-        with clock.part("checkpoint"):
-            session.checkpointer.wait()
+        loop.close()
         # the loop's time that evaluations and saves did not take (their waits for steps in
         # flight were already counted as training by clock.part)
         clock.add("train_steps", time.time() - loop_start
                   - (sum(clock.seconds[p] for p in timed_parts) - timed_before))
-    outcome.step, outcome.skipped_steps = step, guard.skipped
-    if stopping and step < total_steps:
+    outcome = loop.outcome
+    outcome.step, outcome.skipped_steps = loop.step, loop.guard.skipped
+    if loop.stopping and loop.step < session.config.train.steps:
         writer.close()
         session.checkpointer.close()
         # A process may stop because another one was signalled.
-        raise TrainingInterrupted(stop.signal or signal.SIGTERM, step,
+        raise TrainingInterrupted(loop.stop.signal or signal.SIGTERM, loop.step,
                                   session.checkpointer.directory)
-    return state, outcome
+    return loop.state, outcome
+
+
+class _StepLoop:
+    """One pass over the training steps: each `run_one` dispatches a step, then does what is
+    due after it (the previous step's checks and log line, evaluation, a save)."""
+
+    def __init__(self, session: Session, writer: MetricsWriter, clock: Clock):
+        config = session.config
+        self.session, self.writer, self.clock, self.config = session, writer, clock, config
+        self.tokens_per_step = config.data.batch_size * config.data.seq_len
+        peak = flops_lib.peak_flops_per_device()
+        self.peak_total = peak * session.mesh.size if peak else None
+        self.attention_flops = flops_lib.attention_flops_per_token(config.model,
+                                                                   config.data.seq_len)[0]
+        self.state, self.batch = session.state, session.first_batch
+        session.state = session.first_batch = None  # donated to the first step
+        self.step = int(self.state.step)
+        self.outcome = LoopOutcome(self.step, {}, [], [], writer.nonfinite_before)
+        self.stop = _StopFlag()
+        self.bar = tqdm(total=config.train.steps, initial=self.step,
+                        disable=not (session.is_main and config.train.progress),
+                        dynamic_ncols=True, unit="step", file=sys.stderr)
+        self.guard = _NonFiniteGuard(session, writer, self.bar)
+        self.stopping = False
+        self.pending_log: tuple[int, Any] | None = None  # logged one step late
+        self.pending_flag: tuple[int, Any] | None = None  # checked one step late
+        self.interval_start, self.interval_steps = time.time(), 0
+        self.last_save = time.time()
+
+    def run_one(self) -> None:
+        self.state, metrics = self.session.train_step(self.state, self.batch)
+        self.step += 1
+        self.interval_steps += 1
+        if self.pending_flag is not None:  # the previous step's flag; it is done by now
+            self.guard.check(*self.pending_flag)
+        self.pending_flag = (self.step, metrics)
+        self.flush_log()
+        if _logs(self.config, self.step):
+            self._measure_interval(metrics)
+        train = self.config.train
+        if train.eval_every and self.step % train.eval_every == 0 and self.step < train.steps:
+            self._evaluate()
+        self._maybe_save()
+        if self.step < train.steps and not self.stopping:
+            self.batch = self.session.next_batch()
+
+    def _measure_interval(self, metrics: dict[str, Any]) -> None:
+        jax.block_until_ready(metrics["loss"])
+        elapsed = time.time() - self.interval_start
+        rate = self.interval_steps * self.tokens_per_step / elapsed
+        self.outcome.step_times.append(elapsed / self.interval_steps)
+        extra = {"tokens_per_s": rate, "tokens": self.step * self.tokens_per_step,
+                 "attention_flops_per_token": self.attention_flops}
+        if self.peak_total:
+            extra["mfu"] = (rate * self.session.program.accounting.dense_flops_per_token
+                            / self.peak_total)
+        self.pending_log = (self.step, {**metrics, **extra})
+        self.interval_start, self.interval_steps = time.time(), 0
+
+    def _evaluate(self) -> None:
+        with self.clock.part("eval", wait_for=self.state):
+            val_loss = _evaluate(self.session, self.state)
+        self.writer.write(self.step, {"val_loss": val_loss, "val_ppl": ppl(val_loss)})
+        if self.session.is_main:  # tqdm.write prints even where the bar is disabled
+            self.bar.write(f"step {self.step}: val_loss {val_loss:.4f} "
+                           f"(ppl {ppl(val_loss):.2f})")
+        self.interval_start = time.time()
+
+    def _maybe_save(self) -> None:
+        train = self.config.train
+        save_every_s = 60 * train.checkpoint_every_minutes
+        time_due = bool(save_every_s) and time.time() - self.last_save >= save_every_s
+        # Saves are collective: with several processes, all must stop at the same step.
+        self.stopping, time_due = distributed.step_agreed(self.step,
+                                                          self.stop.signal is not None, time_due)
+        if (train.checkpoint_every and self.step % train.checkpoint_every == 0) \
+                or self.step == train.steps or self.stopping or time_due:
+            self.guard.check(*self.pending_flag)  # never save past a step that must stop
+            self.pending_flag = None
+            with self.clock.part("checkpoint", wait_for=self.state):
+                self.session.save(self.state, self.step)
+            self.last_save = self.interval_start = time.time()
+
+    def flush_log(self) -> None:
+        if self.pending_log is not None:
+            self.outcome.last_metrics = _log(self.writer, self.bar, *self.pending_log,
+                                             self._measured_attention)
+            self.pending_log = None
+
+    def flush(self) -> None:
+        """After the last step: its flag and its log line."""
+        if self.pending_flag is not None:
+            self.guard.check(*self.pending_flag)
+        self.flush_log()
+
+    def close(self) -> None:
+        self.bar.close()
+        self.stop.restore()
+        with self.clock.part("checkpoint"):
+            self.session.checkpointer.wait()
+
+    def _measured_attention(self, values: dict[str, float]) -> None:
+        """Learned gates: attention FLOPs at the density the step measured."""
+        if "attn_density" in values:
+            self.outcome.gate_densities.append(values["attn_density"])
+            values["attention_flops_per_token"] = flops_lib.attention_flops_per_token(
+                self.config.model, self.config.data.seq_len, values["attn_density"])[0]
 
 
 def _logs(config: Config, step: int) -> bool:
