@@ -89,10 +89,24 @@ class Attention(nnx.Module):
                 step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(output, the gate's losses and densities for a learned layer, or {})."""
         b, t, _ = x_BxTxD.shape
+        q_BxTxHxK, k_BxTxGxK, v_BxTxGxK = self.project(x_BxTxD, cos_TxK, sin_TxK)
+        out_BxTxHxK, aux = self.attend(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, step)
+        return self.o(out_BxTxHxK.reshape(b, t, -1)), aux
+
+    def project(self, x_BxTxD: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q (H heads), k and v (G heads), RoPE applied at the positions of cos/sin; the
+        KV-cache decode (spjax/generate) projects through this too."""
+        b, t, _ = x_BxTxD.shape
         split = lambda y, heads: y.reshape(b, t, heads, self.head_dim)  # noqa: E731
         q_BxTxHxK = apply_rope(split(self.q(x_BxTxD), self.q_heads), cos_TxK, sin_TxK)
         k_BxTxGxK = apply_rope(split(self.k(x_BxTxD), self.kv_heads), cos_TxK, sin_TxK)
-        v_BxTxGxK = split(self.v(x_BxTxD), self.kv_heads)
+        return q_BxTxHxK, k_BxTxGxK, split(self.v(x_BxTxD), self.kv_heads)
+
+    def attend(self, q_BxTxHxK: jax.Array, k_BxTxGxK: jax.Array, v_BxTxGxK: jax.Array,
+               step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Causal attention over the whole sequence under this layer's pattern; (output
+        heads, the gate's terms or {})."""
         # query head h reads key/value head h // (H / G), in every path
         aux: dict[str, jax.Array] = {}
         if self.pattern == LEARNED:
@@ -106,7 +120,7 @@ class Attention(nnx.Module):
         else:
             out_BxTxHxK = sparse_attention.attend(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK,
                                                   self.pattern, self.pattern_config, self.name)
-        return self.o(out_BxTxHxK.reshape(b, t, -1)), aux
+        return out_BxTxHxK, aux
 
 
 class SwiGLU(nnx.Module):
