@@ -57,10 +57,15 @@ def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, j
 
 
 def apply_rope(x_BxTxHxK: jax.Array, cos_TxK: jax.Array, sin_TxK: jax.Array) -> jax.Array:
+    """Rotates each head's pairs (i, i + K/2) by the position's angles. The tables are
+    (T, K), shared by the batch, or (B, T, K), one row of positions per sequence (decoding
+    sequences of different lengths)."""
     half = x_BxTxHxK.shape[-1] // 2
     x32 = x_BxTxHxK.astype(jnp.float32)
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    out = x32 * cos_TxK[None, :, None, :] + rotated * sin_TxK[None, :, None, :]
+    if cos_TxK.ndim == 2:
+        cos_TxK, sin_TxK = cos_TxK[None], sin_TxK[None]
+    out = x32 * cos_TxK[:, :, None, :] + rotated * sin_TxK[:, :, None, :]
     return out.astype(x_BxTxHxK.dtype)
 
 
