@@ -92,6 +92,19 @@ def test_checkpoint_of_two_processes_resumes_in_one(single, two_local, tmp_path)
     _assert_same(_metrics(run_dir)["loss"], single["loss"], range(9, STEPS + 1))
 
 
+def test_time_based_saves_are_agreed_by_both_processes(single, tmp_path):
+    """train.checkpoint_every_minutes follows process 0's clock: both processes must save at
+    the same steps (a save is collective) and the run must equal the single process's."""
+    run_dir = tmp_path / "timed"
+    _run([sys.executable, "launch/local.py", "--nproc", "2", "--cpu", "--devices-per-proc", "4",
+          "--", "spjax", "train", *CONFIG, f"run_dir={run_dir}", "train.checkpoint_every=0",
+          "train.checkpoint_every_minutes=1e-9", "train.keep_checkpoints=20"],
+         {**os.environ, **CPU_ENV})
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == list(range(1, STEPS + 1))  # every step is past a ~0 s interval
+    _assert_same(_metrics(run_dir)["loss"], single["loss"], range(1, STEPS + 1))
+
+
 def test_launcher_reports_a_failed_process_and_its_code(tmp_path):
     result = subprocess.run([sys.executable, "launch/local.py", "--nproc", "2", "--cpu", "--",
                              "spjax", "train", *CONFIG, "model.n_heads=3",
